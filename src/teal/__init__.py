@@ -1,0 +1,50 @@
+"""teal: training-free activation sparsity for faster LLM decoding.
+
+    >>> import teal
+    >>> model = teal.load()                      # the embedded default model
+    >>> model.generate("The capital of France is", max_new_tokens=16).text
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from teal.errors import TealError
+from teal.model.config import ModelConfig
+from teal.model.decoder import Transformer
+
+__all__ = ["ModelConfig", "TealError", "Transformer", "load"]
+__version__ = "0.1.0"
+
+
+def load(
+    source: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Transformer:
+    """Load a Llama-family model with its tokenizer.
+
+    ``source``: a Hugging Face folder, a ``.gguf`` file, a Hugging Face model id found
+    in the local cache, or None for the embedded default model (SmolLM2-135M-Instruct).
+    ``dtype``: fp32, bf16 or fp16 (default fp32 on CPU, bf16 on CUDA).
+    """
+    from teal.model.build import fingerprint, from_checkpoint, parse_dtype
+    from teal.model.loaders import open_checkpoint
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TealError("--device cuda was asked for but no CUDA GPU is visible: use cpu")
+    torch_dtype = parse_dtype(dtype, device)
+    ckpt = open_checkpoint(source)
+    try:
+        model = from_checkpoint(ckpt.config, ckpt.get_tensor, dtype=torch_dtype, device=device)
+        model.fingerprint = fingerprint(ckpt.config, ckpt.get_tensor)
+    finally:
+        ckpt.close()
+    model.tokenizer = ckpt.tokenizer
+    model.source = ckpt.source
+    model.eval()
+    return model

@@ -1,0 +1,54 @@
+"""The ``teal`` command: a thin layer over the library.
+
+Each subcommand lives in ``teal/commands/<name>.py`` with ``register(subparsers)``.
+Errors print one line; ``--debug`` shows the traceback.  Exit status: 2 for bad input
+(``TealError``, argument errors), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from teal.errors import TealError
+
+COMMANDS = ("run", "generate", "calibrate", "eval", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="teal",
+        description="Training-free activation sparsity for faster LLM decoding.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"teal.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("teal: interrupted", file=sys.stderr)
+        return 130
+    except TealError as exc:
+        if args.debug:
+            raise
+        print(f"teal: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if args.debug:
+            raise
+        print(f"teal: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

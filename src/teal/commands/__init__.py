@@ -1,0 +1,1 @@
+"""One module per ``teal`` subcommand; each defines ``register(subparsers)``."""

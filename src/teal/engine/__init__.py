@@ -1,0 +1,1 @@
+"""Decoding: sampling, the eager decode loop and the compiled GPU engine."""

@@ -1,0 +1,1 @@
+"""Sparse matrix-vector kernels: a plain-torch reference, Triton (GPU) and CPU paths."""

@@ -1,0 +1,106 @@
+"""Route each projection to the right implementation: dense matmul, the plain-torch
+sparse reference, the CPU gather kernel or the Triton GPU kernels.
+
+Every projection weight is stored input-major (``wt``: ``[K, N]``), so one buffer serves
+the dense path (``x @ wt``) and the sparse kernels (a dropped input channel is a skipped
+contiguous row).  The model never calls a kernel directly; it calls ``project`` and
+``project_gate_up`` here, which is the single switch that later kernels plug into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from teal.kernels import reference
+
+BACKENDS = ("torch", "cpu", "triton")
+
+
+@dataclass
+class SparseCall:
+    """What one block needs to sparsify its four sites in one forward pass."""
+
+    thresholds: Tensor  # [7] fp32: q, k, v, o, gate, up, down
+    pos_mask: Tensor | None  # [B, T] bool, True where the position is sparse; None: all
+    scales: dict[str, Tensor] | None  # per-site per-channel score scale (weight-informed)
+    backend: str
+
+
+# Backend registry: name -> (project, project_gate_up).  Filled lazily so that importing
+# the model never imports Triton.
+_FAST: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {}
+
+
+def register_backend(
+    name: str, project_fn: Callable[..., Tensor], gate_up_fn: Callable[..., Tensor]
+) -> None:
+    _FAST[name] = (project_fn, gate_up_fn)
+
+
+def _load_backend(name: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    if name not in _FAST:
+        if name == "cpu":
+            import teal.kernels.cpu  # noqa: F401  (registers itself)
+        elif name == "triton":
+            import teal.kernels.triton_backend  # noqa: F401  (registers itself)
+    if name not in _FAST:
+        raise RuntimeError(f"sparse backend {name!r} is not available")
+    return _FAST[name]
+
+
+def _masked(x: Tensor, t: Tensor, scale: Tensor | None, pos_mask: Tensor | None) -> Tensor:
+    keep = reference.keep_mask(x, t, scale)
+    if pos_mask is not None:
+        keep = keep | ~pos_mask[..., None]
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def project(
+    x: Tensor,
+    wt: Tensor,
+    bias: Tensor | None,
+    sparse: SparseCall | None,
+    proj: slice,
+    splits: tuple[int, ...],
+    site: str,
+) -> Tensor:
+    """``x @ wt + bias`` with the input of each output segment sparsified by its own
+    threshold (``thresholds[proj]``, one per entry of ``splits``)."""
+    if sparse is None:
+        y = x @ wt
+    elif sparse.backend == "torch" or sparse.pos_mask is not None:
+        # The reference handles every case, including the per-position mask used by the
+        # decode-like perplexity protocol; fast kernels only run decode steps.
+        thr = sparse.thresholds[proj]
+        scale = sparse.scales.get(site) if sparse.scales else None
+        if len(splits) == 1:
+            y = _masked(x, thr[0], scale, sparse.pos_mask) @ wt
+        else:
+            outs, start = [], 0
+            for j, width in enumerate(splits):
+                xs = _masked(x, thr[j], scale, sparse.pos_mask)
+                outs.append(xs @ wt[:, start : start + width])
+                start += width
+            y = torch.cat(outs, dim=-1)
+    else:
+        fn, _ = _load_backend(sparse.backend)
+        scale = sparse.scales.get(site) if sparse.scales else None
+        y = fn(x, wt, sparse.thresholds[proj], splits, scale)
+    return y if bias is None else y + bias
+
+
+def project_gate_up(
+    x: Tensor, wt_gate_up: Tensor, sparse: SparseCall | None, act: str
+) -> Tensor:
+    """``act(gate) * up``, the input of the down projection (site mlp-mid)."""
+    ffn = wt_gate_up.shape[1] // 2
+    if sparse is not None and sparse.backend != "torch" and sparse.pos_mask is None:
+        _, fn = _load_backend(sparse.backend)
+        scale = sparse.scales.get("mlp_in") if sparse.scales else None
+        return fn(x, wt_gate_up, sparse.thresholds[4:6], act, scale)
+    gu = project(x, wt_gate_up, None, sparse, slice(4, 6), (ffn, ffn), "mlp_in")
+    return reference.apply_act(gu[..., :ffn], act) * gu[..., ffn:]

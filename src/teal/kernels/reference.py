@@ -1,0 +1,77 @@
+"""Plain-torch reference for every sparse kernel in this package.
+
+Weights are stored input-major: ``wt`` has shape ``[K, N]`` (one contiguous row of
+``W^T`` per input channel), so ``y = x @ wt`` and a dropped input channel is a
+skipped contiguous row.  Every fast kernel is tested against these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def keep_mask(x: Tensor, threshold: Tensor | float, scale: Tensor | None = None) -> Tensor:
+    """Channels that survive: ``|x_i| * s_i > t`` (``s`` defaults to 1)."""
+    score = x.abs() if scale is None else x.abs() * scale.to(x.dtype)
+    return score > threshold
+
+
+def sparsify(x: Tensor, threshold: Tensor | float, scale: Tensor | None = None) -> Tensor:
+    """``x * (|x| * s > t)``: zero the inputs whose (scaled) magnitude is at most ``t``."""
+    return torch.where(keep_mask(x, threshold, scale), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def sparse_linear(
+    x: Tensor, wt: Tensor, threshold: Tensor | float, scale: Tensor | None = None
+) -> Tensor:
+    """``sparsify(x) @ wt`` with fp32 accumulation, returned in ``x``'s dtype."""
+    xs = sparsify(x, threshold, scale)
+    return (xs.float() @ wt.float()).to(x.dtype)
+
+
+def sparse_linear_fused(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    splits: tuple[int, ...],
+    scale: Tensor | None = None,
+) -> Tensor:
+    """One input, several weights concatenated along N (q|k|v or gate|up).
+
+    ``splits`` are the output widths of the segments (summing to N); segment ``j``
+    sees the input sparsified with ``thresholds[j]``.
+    """
+    outs = []
+    start = 0
+    for j, width in enumerate(splits):
+        outs.append(sparse_linear(x, wt[:, start : start + width], thresholds[j], scale))
+        start += width
+    return torch.cat(outs, dim=-1)
+
+
+def sparse_gate_up_act(
+    x: Tensor,
+    wt_gate_up: Tensor,
+    thresholds: Tensor,
+    act: str = "silu",
+    scale: Tensor | None = None,
+) -> Tensor:
+    """``act(gate) * up`` where ``wt_gate_up = [gate | up]`` along N (the down input)."""
+    ffn = wt_gate_up.shape[1] // 2
+    gu = sparse_linear_fused(x, wt_gate_up, thresholds, (ffn, ffn), scale).float()
+    gate, up = gu[..., :ffn], gu[..., ffn:]
+    return (apply_act(gate, act) * up).to(x.dtype)
+
+
+def apply_act(x: Tensor, act: str) -> Tensor:
+    """The MLP activations of the Llama family and its ReLU-family relatives."""
+    if act == "silu":
+        return torch.nn.functional.silu(x)
+    if act == "relu":
+        return torch.relu(x)
+    if act == "relu2":
+        return torch.relu(x).square()
+    if act == "gelu":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    raise ValueError(f"unknown activation {act!r}: expected silu, relu, relu2 or gelu")

@@ -1,0 +1,329 @@
+"""The one decoder of this project: Llama 2/3, Mistral, Qwen2 and SmolLM.
+
+Calibration, evaluation, generation and benchmarks all run this file.  It follows
+gpt-fast's shape: a config, ``Transformer`` of ``Block``s, each an ``Attention`` and an
+``MLP``, and a static ``KVCache``.  Two choices serve the sparse kernels:
+
+* every projection weight is stored input-major (``wt``: ``[in, out]``) so that a
+  zeroed input channel is a skipped contiguous row, and the dense path reads the same
+  buffer (``x @ wt``);
+* q/k/v and gate/up are fused into one buffer each, so a fused kernel reads one input
+  once per decode step.
+
+Decode (one token, ``input_pos`` given) has static shapes and no data-dependent Python
+branches, so it can be compiled and captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from teal.kernels.dispatch import SparseCall, project, project_gate_up
+from teal.model.config import ModelConfig, llama3_inv_freq_scale
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
+# Which projections (indices into PROJECTIONS) read each site's input.
+SITE_PROJECTIONS = {"attn_in": (0, 1, 2), "attn_out": (3,), "mlp_in": (4, 5), "mlp_mid": (6,)}
+
+# Called as observer(layer, site, x, pos_mask) with each site's input before it is
+# sparsified; used by calibration and by the measured-sparsity counter.
+Observer = Callable[[int, str, Tensor, "Tensor | None"], None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 and cast back before the gain, as the reference does: in
+        # bf16 the order of these two steps changes the result.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values ``[B, kv_heads, max_len, head_dim]``; writes go
+    through ``index_copy_`` so the decode step has no shape that depends on position."""
+
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding in the Hugging Face (rotate-half) layout; GGUF's interleaved
+    layout is undone by the loader, so one convention holds everywhere."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        hd = cfg.head_dim
+        self.splits = (cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd)
+        self.wqkv = nn.Parameter(torch.empty(cfg.dim, sum(self.splits)))
+        self.bqkv = nn.Parameter(torch.zeros(sum(self.splits))) if cfg.qkv_bias else None
+        self.wo = nn.Parameter(torch.empty(cfg.n_heads * hd, cfg.dim))
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor,
+        input_pos: Tensor | None,
+        sparse: SparseCall | None,
+        observer: Observer | None,
+    ) -> Tensor:
+        cfg = self.cfg
+        bsz, seqlen, _ = x.shape
+        if observer is not None:
+            observer(self.layer, "attn_in", x, sparse.pos_mask if sparse else None)
+        qkv = project(x, self.wqkv, self.bqkv, sparse, slice(0, 3), self.splits, "attn_in")
+        q, k, v = qkv.split(self.splits, dim=-1)
+        q = q.view(bsz, seqlen, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(bsz, seqlen, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=cfg.n_heads != cfg.n_kv_heads
+        )
+        out = out.transpose(1, 2).reshape(bsz, seqlen, cfg.n_heads * cfg.head_dim)
+        if observer is not None:
+            observer(self.layer, "attn_out", out, sparse.pos_mask if sparse else None)
+        return project(out, self.wo, None, sparse, slice(3, 4), (cfg.dim,), "attn_out")
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.act = cfg.act
+        self.w_gate_up = nn.Parameter(torch.empty(cfg.dim, 2 * cfg.ffn_dim))  # [gate | up]
+        self.w_down = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))
+
+    def forward(
+        self, x: Tensor, sparse: SparseCall | None, observer: Observer | None
+    ) -> Tensor:
+        pos_mask = sparse.pos_mask if sparse else None
+        if observer is not None:
+            observer(self.layer, "mlp_in", x, pos_mask)
+        mid = project_gate_up(x, self.w_gate_up, sparse, self.act)
+        if observer is not None:
+            observer(self.layer, "mlp_mid", mid, pos_mask)
+        dim = self.w_down.shape[1]
+        return project(mid, self.w_down, None, sparse, slice(6, 7), (dim,), "mlp_mid")
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg, layer)
+
+    def forward(self, h, rope, mask, input_pos, sparse, observer) -> Tensor:
+        h = h + self.attention(self.attention_norm(h), rope, mask, input_pos, sparse, observer)
+        return h + self.mlp(self.ffn_norm(h), sparse, observer)
+
+
+class Transformer(nn.Module):
+    """A causal LM: ``model(input_ids)`` returns logits ``[B, T, vocab]``.
+
+    Without ``input_pos`` the call is stateless (positions ``0..T-1``, no cache), which
+    is what calibration and perplexity use.  With ``input_pos`` (after ``setup_cache``)
+    keys and values go to the static cache: a prefill passes many positions, a decode
+    step one.
+
+    Sparsity (``set_sparsity``) holds one threshold per (layer, projection).  In mode
+    ``"decode"`` only single-token steps are sparse (prefill stays dense, as in the
+    method); in mode ``"all"`` every position is; ``sparse_mask`` overrides both per
+    position (the decode-like perplexity protocol).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
+        self.reset_buffers()
+        self.sparse_mode = "off"
+        self.sparse_backend = "torch"
+        self.sparse_scales: list[dict[str, Tensor]] | None = None
+        self.observer: Observer | None = None
+        self.cache_len = 0
+        # Set by the loader: tokenizer, where the weights came from.
+        self.tokenizer = None
+        self.source: str | None = None
+        self.fingerprint: str | None = None
+
+    def reset_buffers(self) -> None:
+        """(Re)make the fp32 buffers: RoPE frequencies and the threshold table.  Called
+        after the model is materialised from the meta device or cast to another dtype."""
+        cfg = self.config
+        device = self.tok_embeddings.weight.device
+        # Same arithmetic as the reference (fp32 powers of the base) so RoPE angles agree.
+        exps = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float()
+        exps = exps / cfg.head_dim
+        inv_freq = (1.0 / cfg.rope_theta**exps).tolist()
+        if cfg.rope_scaling is not None:
+            kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+            if kind == "llama3":
+                inv_freq = llama3_inv_freq_scale(inv_freq, cfg.rope_scaling)
+            elif kind == "linear":
+                inv_freq = [f / float(cfg.rope_scaling["factor"]) for f in inv_freq]
+        self.register_buffer(
+            "inv_freq", torch.tensor(inv_freq, dtype=torch.float32, device=device), persistent=False
+        )
+        self.register_buffer(
+            "thresholds",
+            torch.zeros(cfg.n_layers, len(PROJECTIONS), device=device),
+            persistent=False,
+        )
+
+    # ----- sparsity -------------------------------------------------------------
+    def set_sparsity(
+        self,
+        thresholds: Tensor,
+        mode: str = "decode",
+        scales: list[dict[str, Tensor]] | None = None,
+    ) -> None:
+        """Turn sparsity on: ``thresholds`` is ``[n_layers, 7]`` (q, k, v, o, gate, up,
+        down); ``scales`` optional per-layer, per-site channel scales for the score
+        ``|x| * s`` (weight-informed methods)."""
+        if mode not in ("decode", "all"):
+            raise ValueError(f"sparse mode must be 'decode' or 'all', not {mode!r}")
+        shape = (self.config.n_layers, len(PROJECTIONS))
+        if tuple(thresholds.shape) != shape:
+            raise ValueError(f"thresholds must have shape {shape}, got {tuple(thresholds.shape)}")
+        # Copy in place: a compiled or graph-captured decode step keeps reading this buffer.
+        self.thresholds.copy_(thresholds.to(self.thresholds.device, torch.float32))
+        self.sparse_scales = scales
+        self.sparse_mode = mode
+
+    def clear_sparsity(self) -> None:
+        self.sparse_mode = "off"
+        self.sparse_scales = None
+
+    def set_backend(self, backend: str) -> None:
+        """Which implementation runs sparse decode steps: ``torch`` (reference),
+        ``cpu`` (gather kernel) or ``triton`` (GPU)."""
+        from teal.kernels.dispatch import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+        self.sparse_backend = backend
+
+    # ----- cache ----------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        cfg = self.config
+        if max_len > cfg.max_seq_len:
+            from teal.errors import ContextLengthError
+
+            raise ContextLengthError(
+                f"{max_len} positions exceed the model's context of {cfg.max_seq_len} tokens:"
+                " shorten the prompt or ask for fewer new tokens"
+            )
+        p = self.tok_embeddings.weight
+        for block in self.layers:
+            block.attention.kv_cache = KVCache(
+                batch, cfg.n_kv_heads, max_len, cfg.head_dim, p.dtype, p.device
+            )
+        self.cache_len = max_len
+
+    def clear_cache(self) -> None:
+        for block in self.layers:
+            block.attention.kv_cache = None
+        self.cache_len = 0
+
+    # ----- forward --------------------------------------------------------------
+    def _mask(self, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            mask = mask & (k_pos[None, :] > q_pos[:, None] - window)
+        return mask
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        input_pos: Tensor | None = None,
+        *,
+        sparse_mask: Tensor | None = None,
+    ) -> Tensor:
+        bsz, seqlen = input_ids.shape
+        device = input_ids.device
+        if input_pos is None:
+            q_pos = torch.arange(seqlen, device=device)
+            k_pos = q_pos
+        else:
+            q_pos = input_pos
+            k_pos = torch.arange(self.cache_len, device=device)
+        masks = {w: self._mask(q_pos, k_pos, w) for w in set(self.config.sliding_windows)}
+        freqs = q_pos.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        h = self.tok_embeddings(input_ids)
+        rope = (emb.cos().to(h.dtype), emb.sin().to(h.dtype))
+        sparse = self._sparse_call(seqlen, sparse_mask)
+        for i, block in enumerate(self.layers):
+            call = None
+            if sparse is not None:
+                scales = self.sparse_scales[i] if self.sparse_scales else None
+                call = SparseCall(self.thresholds[i], sparse.pos_mask, scales, sparse.backend)
+            window = self.config.sliding_windows[i]
+            h = block(h, rope, masks[window], input_pos, call, self.observer)
+        h = self.norm(h)
+        head = self.tok_embeddings.weight if self.lm_head is None else self.lm_head
+        return F.linear(h, head)
+
+    def _sparse_call(self, seqlen: int, sparse_mask: Tensor | None) -> SparseCall | None:
+        if self.sparse_mode == "off":
+            return None
+        if sparse_mask is not None:
+            return SparseCall(self.thresholds[0], sparse_mask, None, "torch")
+        if self.sparse_mode == "decode" and seqlen != 1:
+            return None  # prefill stays dense
+        backend = self.sparse_backend
+        return SparseCall(self.thresholds[0], None, None, backend)
+
+    # ----- conveniences ---------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def generate(self, prompt, **kwargs):  # noqa: ANN001, ANN201 (see teal.generate)
+        """Generate text; arguments as ``teal.generate.generate``."""
+        from teal.generate import generate
+
+        return generate(self, prompt, **kwargs)
