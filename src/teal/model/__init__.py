@@ -1,0 +1,1 @@
+"""The model: configuration, the decoder, checkpoint loaders and the tokenizer."""
