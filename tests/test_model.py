@@ -11,10 +11,23 @@ transformers = pytest.importorskip("transformers")
 from teal.model.build import from_checkpoint, hf_state_dict, random_model  # noqa: E402
 from teal.model.config import ModelConfig  # noqa: E402
 
-TINY = dict(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8, ffn_dim=80,
-            max_seq_len=96)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+TINY = dict(
+    vocab_size=97,
+    dim=48,
+    n_layers=2,
+    n_heads=6,
+    n_kv_heads=2,
+    head_dim=8,
+    ffn_dim=80,
+    max_seq_len=96,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 CASES = {
     "llama": (dict(arch="llama"), {}),
     "llama3-rope-tied": (dict(arch="llama", tie_embeddings=True), {"rope_scaling": LLAMA3_ROPE}),
@@ -60,8 +73,11 @@ def test_sliding_window_is_applied():
     window is honoured rather than the match being an accident."""
     cfg, hf, ours = make_pair("mistral-sliding")
     ids = torch.randint(0, cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))
-    full = from_checkpoint(cfg.replace(sliding_windows=(None,) * cfg.n_layers),
-                           hf.state_dict().__getitem__, dtype=torch.float32)
+    full = from_checkpoint(
+        cfg.replace(sliding_windows=(None,) * cfg.n_layers),
+        hf.state_dict().__getitem__,
+        dtype=torch.float32,
+    )
     with torch.no_grad():
         assert (ours(ids) - full(ids))[:, 9:].abs().max() > 1e-3
         assert (ours(ids) - full(ids))[:, :8].abs().max() < 1e-5
@@ -85,10 +101,15 @@ def test_greedy_generation_matches_transformers(case):
     cfg, hf, ours = make_pair(case)
     prompt = [5, 17, 3, 60, 22, 9]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                          min_new_tokens=32, pad_token_id=0)
+        ref = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            do_sample=False,
+            min_new_tokens=32,
+            pad_token_id=0,
+        )
     out = ours.generate(prompt, max_new_tokens=32, stop_at_eos=False)
-    assert out.token_ids == ref[0, len(prompt):].tolist()
+    assert out.token_ids == ref[0, len(prompt) :].tolist()
     assert out.new_tokens == 32 and out.prompt_tokens == len(prompt)
 
 

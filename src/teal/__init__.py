@@ -1,8 +1,8 @@
 """teal: training-free activation sparsity for faster LLM decoding.
 
-    >>> import teal
-    >>> model = teal.load()                      # the embedded default model
-    >>> model.generate("The capital of France is", max_new_tokens=16).text
+>>> import teal
+>>> model = teal.load()                      # the embedded default model
+>>> model.generate("The capital of France is", max_new_tokens=16).text
 """
 
 from __future__ import annotations

@@ -51,8 +51,7 @@ def _plan_length(model: Transformer, n_prompt: int, max_new_tokens: int) -> int:
         raise TealError("the prompt is empty")
     if n_prompt >= ctx:
         raise ContextLengthError(
-            f"the prompt has {n_prompt} tokens but the model's context is {ctx}:"
-            " shorten the prompt"
+            f"the prompt has {n_prompt} tokens but the model's context is {ctx}: shorten the prompt"
         )
     if n_prompt + max_new_tokens > ctx:
         fit = ctx - n_prompt

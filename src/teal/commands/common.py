@@ -16,7 +16,9 @@ def add_model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
         default=None,
         help="Hugging Face folder, .gguf file or cached model id (default: SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument(
+        "--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)"
+    )
     if device:
         p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
 

@@ -27,9 +27,11 @@ def main(args: argparse.Namespace) -> int:
     model = teal.load(args.model, dtype=args.dtype, device=args.device)
     stream = None
     if not args.json:
+
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
+
     result = model.generate(
         args.prompt,
         max_new_tokens=args.max_new_tokens,

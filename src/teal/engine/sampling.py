@@ -7,9 +7,7 @@ import torch
 from torch import Tensor
 
 
-def sample(
-    logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None
-) -> Tensor:
+def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> Tensor:
     """Next token ids ``[B]`` from logits ``[B, V]``: greedy when ``temperature`` is 0,
     else temperature plus nucleus (top-p) sampling."""
     if temperature <= 0:

@@ -93,9 +93,7 @@ def project(
     return y if bias is None else y + bias
 
 
-def project_gate_up(
-    x: Tensor, wt_gate_up: Tensor, sparse: SparseCall | None, act: str
-) -> Tensor:
+def project_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall | None, act: str) -> Tensor:
     """``act(gate) * up``, the input of the down projection (site mlp-mid)."""
     ffn = wt_gate_up.shape[1] // 2
     if sparse is not None and sparse.backend != "torch" and sparse.pos_mask is None:

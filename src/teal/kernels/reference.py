@@ -19,7 +19,9 @@ def keep_mask(x: Tensor, threshold: Tensor | float, scale: Tensor | None = None)
 
 def sparsify(x: Tensor, threshold: Tensor | float, scale: Tensor | None = None) -> Tensor:
     """``x * (|x| * s > t)``: zero the inputs whose (scaled) magnitude is at most ``t``."""
-    return torch.where(keep_mask(x, threshold, scale), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(
+        keep_mask(x, threshold, scale), x, torch.zeros((), dtype=x.dtype, device=x.device)
+    )
 
 
 def sparse_linear(

@@ -127,9 +127,7 @@ class MLP(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(cfg.dim, 2 * cfg.ffn_dim))  # [gate | up]
         self.w_down = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))
 
-    def forward(
-        self, x: Tensor, sparse: SparseCall | None, observer: Observer | None
-    ) -> Tensor:
+    def forward(self, x: Tensor, sparse: SparseCall | None, observer: Observer | None) -> Tensor:
         pos_mask = sparse.pos_mask if sparse else None
         if observer is not None:
             observer(self.layer, "mlp_in", x, pos_mask)
@@ -173,7 +171,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
+        )
         self.reset_buffers()
         self.sparse_mode = "off"
         self.sparse_backend = "torch"
