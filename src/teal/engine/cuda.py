@@ -71,8 +71,11 @@ class CudaEngine:
         if compile == "step":
             fn = torch.compile(self._step, fullgraph=True, dynamic=False)
         elif compile == "blocks":
-            for block in model.layers:
-                block.compile(fullgraph=True, dynamic=False)
+            model.decode_blocks = [
+                torch.compile(block, fullgraph=True, dynamic=False) for block in model.layers
+            ]
+        else:
+            model.decode_blocks = None
         self._fn = fn
 
     def _step(self) -> None:
@@ -117,10 +120,7 @@ class CudaEngine:
     def prefill(self, prompt: Tensor) -> None:
         """Dense prefill of ``prompt`` ``[1, T]``; sets the first generated token."""
         n = prompt.shape[1]
-        # The compiled blocks are specialised to one-token steps; prompts of any length
-        # run eagerly instead of triggering a compile per length.
-        with torch.compiler.set_stance("force_eager"):
-            logits = self.model(prompt, torch.arange(n, device=prompt.device))
+        logits = self.model(prompt, torch.arange(n, device=prompt.device))
         nxt = sample(logits[:, -1], self.temperature, self.top_p)
         self.tok.copy_(nxt.view(1, 1))
         self.pos.fill_(n)

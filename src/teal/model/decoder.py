@@ -179,6 +179,8 @@ class Transformer(nn.Module):
         self.sparse_backend = "torch"
         self.sparse_scales: list[dict[str, Tensor]] | None = None
         self.observer: Observer | None = None
+        # Compiled copies of the blocks for one-token steps, set by the CUDA engine.
+        self.decode_blocks: list[Callable[..., Tensor]] | None = None
         self.cache_len = 0
         # Set by the loader: tokenizer, where the weights came from.
         self.tokenizer = None
@@ -292,7 +294,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(input_ids)
         rope = (emb.cos().to(h.dtype), emb.sin().to(h.dtype))
         sparse = self._sparse_call(seqlen, sparse_mask)
-        for i, block in enumerate(self.layers):
+        blocks = self.layers
+        if self.decode_blocks is not None and seqlen == 1 and self.observer is None:
+            blocks = self.decode_blocks
+        for i, block in enumerate(blocks):
             call = None
             if sparse is not None:
                 scales = self.sparse_scales[i] if self.sparse_scales else None
