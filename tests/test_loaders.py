@@ -12,6 +12,7 @@ import os
 import pickle
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -563,3 +564,52 @@ def test_default_model_tensors_match_transformers(default_model_path):
     with open_checkpoint(default_model_path) as ckpt:
         for name in ckpt.names():
             assert torch.equal(ckpt.get_tensor(name), state[name]), name
+
+
+# ---------------------------------------------------------------- memory
+
+_MEASURE = r"""
+import sys, torch
+from teal.model.loaders import open_checkpoint
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+ckpt = open_checkpoint(sys.argv[1])
+model = {n: torch.zeros(ckpt.shape(n), dtype=torch.float32) for n in ckpt.names()}
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak-RSS counter here
+base = status("VmRSS:")
+for name, dst in model.items():
+    dst.copy_(ckpt.get_tensor(name))
+ckpt.close()
+print(status("VmHWM:") - base)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_loading_holds_one_tensor_at_a_time(tmp_path, fmt):
+    """Filling a model from a checkpoint costs at most a tensor or two beyond the model: the file
+    is never held (or left resident) as a whole next to it."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc to measure peak memory")
+    cfg = ModelConfig(arch="llama", vocab_size=8192, dim=1024, n_layers=2, n_heads=8,
+                      n_kv_heads=8, head_dim=128, ffn_dim=4096)  # fmt: skip
+    total = sum(t.numel() * 4 for t in random_state_dict(cfg).values())  # ~200 MB
+    largest = 8192 * 1024 * 4  # embedding, 32 MB
+    if fmt == "hf":
+        path = write_hf_checkpoint(tmp_path / "m", cfg, tokenizer=False)
+    else:
+        path = write_gguf_checkpoint(tmp_path / "m.gguf", cfg, tokenizer=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True,
+                         text=True, env=env, check=True)  # fmt: skip
+    extra = int(out.stdout.strip().splitlines()[-1])
+    assert total > 150e6
+    assert extra < 2 * largest + 16e6, f"{extra / 1e6:.0f} MB beyond the model"

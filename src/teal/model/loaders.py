@@ -189,43 +189,46 @@ def _config_from_hf_dict(cfg: dict[str, Any], where: str) -> ModelConfig:
 
 
 class _SafetensorsReader:
-    """Tensors spread over safetensors files. Each file stays memory-mapped (one ``safe_open``
-    handle per shard) and ``get_tensor`` copies out only the tensor asked for."""
+    """Tensors spread over safetensors files, read one at a time.
 
-    def __init__(self, where: dict[str, Path]) -> None:
+    Each ``get_tensor`` maps the shard (``safe_open``), copies the one tensor out and unmaps it
+    again. Keeping the shards mapped for the whole load would leave every page read so far
+    resident in the process (file-backed, but counted in its memory) on top of the model being
+    filled, about twice the weights at the end; per-tensor mapping holds the model plus one
+    tensor. Opening costs a header parse, well under a millisecond."""
+
+    def __init__(self, where: dict[str, Path], shapes: dict[str, tuple[int, ...]]) -> None:
         self._where = where
-        self._handles: dict[Path, Any] = {}
-
-    def handle(self, path: Path) -> Any:
-        h = self._handles.get(path)
-        if h is None:
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                h = safe_open(str(path), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise CorruptCheckpointError(
-                    f"{path} is not a valid safetensors file ({e}): it is truncated or damaged; "
-                    "download or convert it again"
-                ) from e
-            self._handles[path] = h
-        return h
+        self._shapes = shapes
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handle(self._where[name]).get_slice(name).get_shape())
+        return self._shapes[name]
 
     def get_tensor(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise KeyError(f"no tensor {name!r} in this checkpoint")
-        return self.handle(self._where[name]).get_tensor(name)
+        with _safe_open(self._where[name]) as f:
+            return f.get_tensor(name)
 
     def close(self) -> None:
-        for h in self._handles.values():
-            h.__exit__(None, None, None)
-        self._handles.clear()
+        pass  # nothing stays open between calls
+
+
+def _safe_open(path: Path) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        # safe_open checks the header against the file: offsets that overlap, leave gaps or
+        # run past the end, and shapes that do not match their byte ranges are all refused.
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CorruptCheckpointError(
+            f"{path} is not a valid safetensors file ({e}): it is truncated or damaged; "
+            "download or convert it again"
+        ) from e
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -260,7 +263,7 @@ def _open_hf_folder(folder: Path, source: str) -> Checkpoint:
         if eos:
             cfg = {**cfg, "eos_token_id": eos}
     config = _config_from_hf_dict(cfg, str(cfg_path))
-    reader = _SafetensorsReader(_safetensors_map(folder))
+    reader = _safetensors_reader(folder)
     from teal.model.tokenizer import tokenizer_from_hf_folder
 
     return _finish(
@@ -278,34 +281,24 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _safetensors_map(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the shard holding it, from the index file when there is one."""
+def _safetensors_reader(folder: Path) -> _SafetensorsReader:
+    """Every tensor of the folder, mapped to its shard (from the index file when there is one),
+    with each shard's header validated once here."""
     index = folder / "model.safetensors.index.json"
+    listed: dict[str, Path] | None = None
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{index} has no weight_map")
-        where = {name: folder / str(file) for name, file in weight_map.items()}
-        for shard in sorted(set(where.values())):
+        listed = {name: folder / str(file) for name, file in weight_map.items()}
+        files = sorted(set(listed.values()))
+        for shard in files:
             if not shard.is_file():
                 raise CorruptCheckpointError(
                     f"shard {shard.name} listed in {index.name} is missing from {folder}: the "
                     "download is incomplete; fetch the missing shard(s)"
                 )
-        reader = _SafetensorsReader(where)
-        try:
-            for shard in sorted(set(where.values())):
-                present = set(reader.handle(shard).keys())
-                lost = [n for n, s in where.items() if s == shard and n not in present]
-                if lost:
-                    raise CorruptCheckpointError(
-                        f"{shard.name} lacks {lost[0]}, which {index.name} places there: the "
-                        "shard and the index do not belong together"
-                    )
-        finally:
-            reader.close()
-        return where
-    if (folder / "model.safetensors").is_file():
+    elif (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
     else:
         # "consolidated*.safetensors" are Mistral's original-format weights, with other names.
@@ -322,20 +315,27 @@ def _safetensors_map(folder: Path) -> dict[str, Path]:
             f"{folder} has config.json but no *.safetensors weights: the download is incomplete"
         )
     where: dict[str, Path] = {}
-    reader = _SafetensorsReader({})
-    try:
-        for f in files:
-            names = reader.handle(f).keys()  # a safe_open handle is not iterable
-            for name in names:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in files:
+        with _safe_open(shard) as f:
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                if listed is not None and listed.get(name) != shard:
+                    continue  # the index is authoritative; stray copies elsewhere are ignored
                 if name in where:
                     raise CorruptCheckpointError(
-                        f"tensor {name} is in both {where[name].name} and {f.name}: remove the "
-                        "stale file or add model.safetensors.index.json"
+                        f"tensor {name} is in both {where[name].name} and {shard.name}: remove "
+                        "the stale file or add model.safetensors.index.json"
                     )
-                where[name] = f
-    finally:
-        reader.close()
-    return where
+                where[name] = shard
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    if listed is not None:
+        lost = [name for name in listed if name not in where]
+        if lost:
+            raise CorruptCheckpointError(
+                f"{listed[lost[0]].name} lacks {lost[0]}, which {index.name} places there: the "
+                "shard and the index do not belong together"
+            )
+    return _SafetensorsReader(where, shapes)
 
 
 # ------------------------------------------------------------------ Hugging Face model ids
@@ -449,12 +449,13 @@ class _GgufTensor:
 
 
 class _GgufFile:
-    """A GGUF file's metadata and tensor table, parsed with bounds checks on every read; the
-    tensor data stays in a read-only memory map until a tensor is asked for.
+    """A GGUF file's metadata and tensor table, parsed with bounds checks on every read.
 
     We parse the header ourselves: it is a simple format, and ``gguf.GGUFReader`` builds numpy
     views for every element of every array (49k tokens and 49k merges here), which takes about
-    5 s on the default model against 0.1 s this way. Tensors are dequantized with ``gguf``."""
+    5 s on the default model against 0.1 s this way. Tensors are read one at a time with plain
+    file reads (not a long-lived memory map, whose touched pages would stay resident next to the
+    model being filled) and dequantized with ``gguf``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -467,9 +468,9 @@ class _GgufFile:
         self._pos = 0
         try:
             self._parse()
-        except BaseException:
+        finally:
             self._mm.close()
-            raise
+        self._fh = open(path, "rb")  # noqa: SIM115 (closed by close())
 
     # -- primitive reads, all bounds-checked
     def _take(self, n: int) -> int:
@@ -571,11 +572,14 @@ class _GgufFile:
         qtype = GGMLQuantizationType(t.qtype)
         block, type_size = GGML_QUANT_SIZES[qtype]
         shape = tuple(reversed(t.dims))
-        raw = np.frombuffer(self._mm, np.uint8, t.nbytes, t.start)
+        raw = np.empty(t.nbytes, np.uint8)
+        self._fh.seek(t.start)
+        if self._fh.readinto(memoryview(raw)) != t.nbytes:
+            raise CorruptCheckpointError(f"{self.path} became shorter while it was being read")
         raw = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
         out = dequantize(raw, qtype)
-        # F32 comes back as a view of the memory map: copy, so the tensor outlives close().
-        return np.array(out, dtype=np.float32, copy=qtype == GGMLQuantizationType.F32)
+        # F32 comes back as a view of ``raw``, already our own memory.
+        return np.asarray(out, dtype=np.float32)
 
     def check_types(self) -> None:
         """Refuse, at open, tensor types the installed gguf cannot dequantize."""
@@ -593,7 +597,7 @@ class _GgufFile:
                 ) from None
 
     def close(self) -> None:
-        self._mm.close()
+        self._fh.close()
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
