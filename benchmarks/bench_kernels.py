@@ -1,0 +1,479 @@
+"""Sparse GEMV kernels against cuBLAS, dense and on the compacted matrix (accelerator only).
+
+    PYTHONPATH=src python benchmarks/bench_kernels.py --out results/kernels-h100-DATE.json
+    PYTHONPATH=src python benchmarks/bench_kernels.py --tune --out ...  # search configs first
+
+Kernel names in the result rows:
+  sparse               sparse_gemv, one weight (q, k, v, o, gate, up or down alone)
+  sparse_qkv           sparse_gemv_fused over q|k|v (one launch)
+  sparse_qkv_separate  three sparse_gemv launches (q, k, v) timed together
+  sparse_gate_up       sparse_gemv_fused over gate|up (one launch, both outputs)
+  sparse_gate_up_act   sparse_gate_up_act: act(gate) * up in the epilogue (silu)
+Columns: time_us is our kernel; cublas_time_us is torch.matmul on the dense matrix
+(the faster of the two weight layouts, [K, N] and [N, K]); compact_time_us is cuBLAS on
+the compacted matrix, a dense GEMV over only the kept rows, which reads exactly what a
+perfect sparse kernel reads (also the faster layout). For sparse_gate_up_act the
+cuBLAS figures are the gate|up matmul alone (no activation). Every call is captured in
+a CUDA graph and timed by replaying it with triton.testing.do_bench (median, L2 flushed
+by a 256 MB write before each replay), so launch overhead is what decoding sees.
+effective_gbps counts the kept weight rows, the input and the output.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from teal.kernels import reference as ref
+from teal.kernels import triton_gemv as tg
+
+D, FFN3, FFN2, KV = 4096, 14336, 11008, 1024
+P_LIST = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# name -> (kernel, K, splits, pair). N is sum(splits).
+CASES = {
+    "l3.qkv": ("sparse_qkv", D, (D, KV, KV), False),
+    "l3.qkv_separate": ("sparse_qkv_separate", D, (D, KV, KV), False),
+    "l3.q_o": ("sparse", D, (D,), False),
+    "l3.k_v": ("sparse", D, (KV,), False),
+    "l3.gate_up": ("sparse_gate_up", D, (FFN3, FFN3), False),
+    "l3.gate_up_act": ("sparse_gate_up_act", D, (FFN3, FFN3), True),
+    "l3.up": ("sparse", D, (FFN3,), False),
+    "l3.down": ("sparse", FFN3, (D,), False),
+    "l2.gate_up": ("sparse_gate_up", D, (FFN2, FFN2), False),
+    "l2.gate_up_act": ("sparse_gate_up_act", D, (FFN2, FFN2), True),
+    "l2.up": ("sparse", D, (FFN2,), False),
+    "l2.down": ("sparse", FFN2, (D,), False),
+}
+# One tuning target per distinct launch (k_v and q_o also cover qkv_separate).
+TUNE_CASES = [
+    "l3.qkv",
+    "l3.q_o",
+    "l3.k_v",
+    "l3.gate_up",
+    "l3.gate_up_act",
+    "l3.up",
+    "l3.down",
+    "l2.gate_up",
+    "l2.gate_up_act",
+    "l2.up",
+    "l2.down",
+]
+BATCH_CASES = ["l3.qkv", "l3.gate_up_act", "l3.down"]
+TUNE_BATCH = 4  # batches 2..16 share one kernel (the dot tile is padded to 16 rows)
+
+
+def bench_graph(fn, rep_ms):
+    """Median microseconds of one replay of ``fn`` captured in a CUDA graph, L2 flushed.
+
+    rep_ms=0 captures without timing. Returns (us, graph, the graph's output).
+    """
+    from triton.testing import do_bench
+
+    fn()  # compile, allocate ticket counters, warm cuBLAS
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    torch.cuda.synchronize()
+    if not rep_ms:
+        return float("nan"), g, out
+    ms = do_bench(g.replay, warmup=5, rep=rep_ms, return_mode="median")
+    return ms * 1e3, g, out
+
+
+def threshold_for(x, p):
+    if p <= 0.0:
+        return -1.0
+    return float(torch.quantile(x.float().abs().flatten(), p))
+
+
+def make_case(name, dtype, b=1, seed=0):
+    kernel, k, splits, pair = CASES[name]
+    n = sum(splits)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    wt = torch.randn(k, n, device="cuda", generator=g, dtype=torch.float32) / math.sqrt(k)
+    wt = wt.to(dtype)
+    x = torch.randn(b, k, device="cuda", generator=g, dtype=torch.float32).to(dtype)
+    return kernel, k, splits, pair, x, wt
+
+
+def our_fn(kernel, x, wt, t, splits, cfg=None):
+    if kernel == "sparse_gate_up_act":
+        return lambda: tg.sparse_gate_up_act(x, wt, t, "silu", config=cfg)
+    if kernel == "sparse_qkv_separate":
+        views = []
+        start = 0
+        for w in splits:
+            views.append(wt[:, start : start + w].contiguous())
+            start += w
+        t1 = t[:1]
+        return lambda: [tg.sparse_gemv(x, v, t1) for v in views]
+    if len(splits) == 1:
+        return lambda: tg.sparse_gemv(x, wt, t[:1], config=cfg)
+    return lambda: tg.sparse_gemv_fused(x, wt, t, splits, config=cfg)
+
+
+def ref_out(kernel, x, wt, t, splits):
+    if kernel == "sparse_gate_up_act":
+        return ref.sparse_gate_up_act(x, wt, t, "silu")
+    if kernel == "sparse_qkv_separate":
+        return ref.sparse_linear_fused(x, wt, t, splits)
+    return ref.sparse_linear_fused(x, wt, t, splits)
+
+
+def cublas_fns(x, wt, splits, separate):
+    """matmul on [K, N] (x @ wt) and on [N, K] (F.linear), per segment when separate."""
+    if separate:
+        parts, start = [], 0
+        for w in splits:
+            parts.append(wt[:, start : start + w].contiguous())
+            start += w
+    else:
+        parts = [wt]
+    wn = [p.t().contiguous() for p in parts]
+    f_kn = lambda: [x @ p for p in parts]  # noqa: E731
+    f_nk = lambda: [torch.nn.functional.linear(x, w) for w in wn]  # noqa: E731
+    return f_kn, f_nk
+
+
+def rel_err(y, r):
+    y, r = y.float(), r.float()
+    return float((y - r).norm() / r.norm().clamp_min(1e-12))
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def _compile_jobs(work):
+    """Worker: run each (case, dtype, b, cfg) once so its kernel lands in Triton's cache."""
+    pins, jobs = work
+    for k, n, dt, cfg, b, pair in pins:
+        tg.set_config(k, n, DTYPES[dt], cfg, b, pair)
+    torch.cuda.set_device(0)
+    done = 0
+    for name, dt, b, cfg in jobs:
+        try:
+            kernel, k, splits, pair, x, wt = make_case(name, DTYPES[dt], b)
+            t = torch.full((len(splits),), 0.5, device="cuda")
+            our_fn(kernel, x, wt, t, splits, cfg)()
+            torch.cuda.synchronize()
+            done += 1
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"compile failed {name} {cfg}: {e}", file=sys.stderr)
+    return done
+
+
+def parallel_compile(jobs, workers, pins=()):
+    if not jobs:
+        return 0
+    shards = [jobs[i::workers] for i in range(workers)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        return sum(pool.map(_compile_jobs, [(list(pins), s) for s in shards if s]))
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def tune_phase(dtype_name, rep_ms, workers, log):
+    """Time every candidate at p = 0, 0.5, 0.8 (batch cases at 0.5, 0.9); pin the winners."""
+    from triton.testing import do_bench
+
+    dtype = DTYPES[dtype_name]
+    plan = {}
+    for name in TUNE_CASES:
+        _, k, splits, pair = CASES[name]
+        plan[(name, 1)] = tg.candidate_configs(k, sum(splits), pair)
+    for name in BATCH_CASES:
+        _, k, splits, pair = CASES[name]
+        plan[(name, TUNE_BATCH)] = tg.candidate_configs(k, sum(splits), pair, TUNE_BATCH)
+    t0 = time.time()
+    jobs = [(nm, dtype_name, b, c) for (nm, b), cs in plan.items() for c in cs]
+    n = parallel_compile(jobs, workers)
+    log(f"compiled {n} of {len(jobs)} tuning variants in {time.time() - t0:.0f}s")
+    rows, best = [], {}
+    for (name, b), cands in plan.items():
+        kernel, k, splits, pair, x, wt = make_case(name, dtype, b)
+        t = torch.zeros(len(splits), device="cuda")
+        ps = [0.0, 0.5, 0.8] if b == 1 else [0.5, 0.9]
+        ths = [threshold_for(x, p) for p in ps]
+        times = {}
+        for cfg in cands:
+            try:
+                fn = our_fn(kernel, x, wt, t, splits, cfg)
+                _, g, _ = bench_graph(fn, 0)
+                per_p = []
+                for th in ths:
+                    t.fill_(th)
+                    per_p.append(
+                        do_bench(g.replay, warmup=5, rep=rep_ms, return_mode="median") * 1e3
+                    )
+                times[cfg] = per_p
+                del g, fn
+            except Exception as e:  # noqa: BLE001
+                log(f"  {name} b{b} {cfg} failed: {e}")
+        if not times:
+            continue
+        mins = [min(v[i] for v in times.values()) for i in range(len(ps))]
+        # Geometric mean of time / best time at each sparsity: good everywhere.
+        score = {
+            c: math.exp(sum(math.log(v[i] / mins[i]) for i in range(len(ps))) / len(ps))
+            for c, v in times.items()
+        }
+        win = min(score, key=score.get)
+        best[(name, b)] = win
+        for dt in DTYPES.values():  # same bytes in fp16: the winner holds for both
+            tg.set_config(k, sum(splits), dt, win, b, pair)
+        for c, v in times.items():
+            rows.append(
+                {
+                    "case": name,
+                    "batch": b,
+                    "config": vars_cfg(c),
+                    "score": score[c],
+                    "us": dict(zip(map(str, ps), v)),
+                }
+            )
+        log(
+            f"tune {name:16s} b{b} best {win} score {score[win]:.3f} us "
+            + " ".join(f"{u:.1f}" for u in times[win])
+            + f" (per-p best {' '.join(f'{m:.1f}' for m in mins)})"
+        )
+        del x, wt
+        torch.cuda.empty_cache()
+    return rows, best
+
+
+def vars_cfg(c):
+    return {
+        "block_n": c.block_n,
+        "rows": c.rows,
+        "split_k": c.split_k,
+        "num_warps": c.num_warps,
+        "num_stages": c.num_stages,
+        "dot": c.dot,
+        "prefetch": c.prefetch,
+    }
+
+
+def bench_case(name, dtype_name, b, p_list, rep_ms, log):
+    dtype = DTYPES[dtype_name]
+    kernel, k, splits, pair, x, wt = make_case(name, dtype, b, seed=1)
+    n = sum(splits)
+    esize = wt.element_size()
+    separate = kernel == "sparse_qkv_separate"
+    t = torch.zeros(len(splits), device="cuda")
+    us_dense = min(bench_graph(f, rep_ms)[0] for f in cublas_fns(x, wt, splits, separate))
+    # Hold fn: its closure owns tensors the graph reads (the per-weight copies of
+    # qkv_separate); dropped, their memory would be reused under the graph.
+    fn = our_fn(kernel, x, wt, t, splits)
+    _, g, out = bench_graph(fn, 0)
+    rows = []
+    from triton.testing import do_bench
+
+    for p in p_list:
+        t.fill_(threshold_for(x, p))
+        keep = ref.keep_mask(x, t[0]).any(dim=0)
+        kept = int(keep.sum())
+        # Correctness of this very graph against the reference.
+        g.replay()
+        torch.cuda.synchronize()
+        y = torch.cat(out, dim=-1) if isinstance(out, list) else out
+        err = rel_err(y, ref_out(kernel, x, wt, t, splits))
+        us = do_bench(g.replay, warmup=5, rep=rep_ms, return_mode="median") * 1e3
+        if kept > 0:
+            xc = x[:, keep].contiguous()
+            wc = wt[keep].contiguous()
+            us_c = min(bench_graph(f, rep_ms)[0] for f in cublas_fns(xc, wc, splits, separate))
+            del xc, wc
+        else:
+            us_c = float("nan")
+        n_out = n // 2 if pair else n
+        nbytes = kept * n * esize + x.numel() * esize + b * n_out * esize
+        row = {
+            "kernel": kernel,
+            "case": name,
+            "shape": [n, k],
+            "dtype": dtype_name,
+            "batch": b,
+            "sparsity": p,
+            "measured_sparsity": 1.0 - kept / k,
+            "time_us": round(us, 2),
+            "cublas_time_us": round(us_dense, 2),
+            "compact_time_us": round(us_c, 2),
+            "ratio_to_compact": round(us / us_c, 3) if kept else None,
+            "ratio_to_dense": round(us / us_dense, 3),
+            "effective_gbps": round(nbytes / us / 1e3, 1),
+            "rel_err": err,
+            "ok": err < (2e-2 if dtype == torch.bfloat16 else 5e-3),
+            "config": vars_cfg(tg.get_config(k, n, dtype, b, pair)) if not separate else None,
+        }
+        rows.append(row)
+        log(
+            f"{name:18s} {dtype_name} b{b} p={p:.2f} (meas {row['measured_sparsity']:.3f}) "
+            f"ours {us:7.1f} dense {us_dense:7.1f} compact {us_c:7.1f} "
+            f"r_c {row['ratio_to_compact']} r_d {row['ratio_to_dense']} "
+            f"{row['effective_gbps']:.0f} GB/s err {err:.1e}"
+        )
+    # Fixed cost: every input dropped (launch, compaction, split-K reduction, epilogue).
+    t.fill_(1e4)
+    floor = do_bench(g.replay, warmup=5, rep=rep_ms, return_mode="median") * 1e3
+    for row in rows:
+        row["floor_us"] = round(floor, 2)
+    locks = tg._LOCKS.get(("cuda", 0))
+    if locks is not None and int((locks != 0).sum()):
+        log(f"WARNING: {int((locks != 0).sum())} split-K tickets left nonzero after {name}")
+    log(f"{name:18s} {dtype_name} b{b} floor (all inputs dropped) {floor:.1f} us")
+    del g, x, wt, out, fn
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows):
+    cases = []
+    for r in rows:
+        key = (r["case"], r["dtype"], r["batch"])
+        if key not in cases:
+            cases.append(key)
+    print("\nratio ours / cuBLAS-on-compacted (ours us / compacted us); p=0 vs dense")
+    for key in cases:
+        rs = [r for r in rows if (r["case"], r["dtype"], r["batch"]) == key]
+        cells = []
+        for r in rs:
+            if r["sparsity"] == 0.0:
+                cells.append(f"p0 {r['time_us']:.1f}/{r['cublas_time_us']:.1f}")
+            else:
+                cells.append(f"{r['sparsity']:.2f}:{r['time_us']:.1f}/{r['compact_time_us']:.1f}")
+        bad = [r for r in rs if not r["ok"]]
+        print(f"{key[0]:18s} {key[1]} b{key[2]} " + "  ".join(cells) + ("  WRONG" if bad else ""))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="result JSON path")
+    ap.add_argument("--tune", action="store_true", help="search configs before the benchmark")
+    ap.add_argument("--tune-out", default=None, help="where to write the tuning JSON")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    ap.add_argument("--dtypes", default="bf16,fp16")
+    ap.add_argument("--batches", default="2,4,8")
+    ap.add_argument("--rep-ms", type=int, default=30)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap.add_argument(
+        "--pytest",
+        action="store_true",
+        help="run tests/test_kernels_triton.py natively alongside the compiles",
+    )
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU (the CPU tests cover correctness)")
+
+    logpath = os.path.join(os.path.dirname(args.out), "bench.log") if args.out else None
+
+    def log(msg):
+        print(msg, flush=True)
+        if logpath:
+            with open(logpath, "a") as f:
+                f.write(msg + "\n")
+
+    import triton
+
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "date": datetime.date.today().isoformat(),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+    }
+    log(json.dumps(meta))
+    pyt = None
+    if args.pytest:
+        pyt = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-x",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_kernels_triton.py",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    cases = [c for c in args.cases.split(",") if c]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    # Compile every launch the benchmark makes, in parallel, before timing anything.
+    jobs = []
+    for dt in dtypes:
+        for c in cases:
+            jobs.append((c, dt, 1, None))
+            if c in BATCH_CASES:
+                jobs += [(c, dt, b, None) for b in batches]
+    tune_rows, best = [], {}
+    if args.tune:
+        tune_rows, best = tune_phase(dtypes[0], max(10, args.rep_ms // 2), args.workers, log)
+        if args.tune_out:
+            with open(args.tune_out, "w") as f:
+                best_json = [{"case": nm, "batch": b, **vars_cfg(v)} for (nm, b), v in best.items()]
+                json.dump({**meta, "tuning": tune_rows, "best": best_json}, f, indent=1)
+        log("_TABLE = {  # paste into src/teal/kernels/triton_gemv.py")
+        for (name, b), c in best.items():
+            _, k, splits, pair = CASES[name]
+            log(
+                f"    ({k}, {sum(splits)}, {pair}, {tg._bucket(b)}): GemvConfig({c.block_n}, "
+                f"{c.rows}, {c.split_k}, {c.num_warps}, {c.num_stages}, {c.dot}, {c.prefetch}),"
+            )
+        log("}")
+    # Workers compile with the winners pinned (tune_phase pinned them here already).
+    pins = []
+    for (name, b), cfg in best.items():
+        _, k, splits, pair = CASES[name]
+        pins += [(k, sum(splits), dt, cfg, b, pair) for dt in DTYPES]
+    t0 = time.time()
+    parallel_compile(jobs, args.workers, pins)
+    log(f"compiled benchmark kernels in {time.time() - t0:.0f}s")
+    if pyt is not None:
+        outp, _ = pyt.communicate()
+        log("pytest (native):\n" + outp.decode()[-3000:])
+
+    results = []
+    for dt in dtypes:
+        for c in cases:
+            try:
+                results += bench_case(c, dt, 1, P_LIST, args.rep_ms, log)
+            except Exception as e:  # noqa: BLE001 - keep the other cases
+                log(f"case {c} {dt} failed: {e!r}")
+        for c in BATCH_CASES:
+            if c not in cases:
+                continue
+            for b in batches:
+                try:
+                    results += bench_case(c, dt, b, [0.5, 0.9], args.rep_ms, log)
+                except Exception as e:  # noqa: BLE001
+                    log(f"case {c} {dt} b{b} failed: {e!r}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({**meta, "results": results}, f, indent=1)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,898 @@
+"""Triton sparse GEMV for decoding: ``y = sparsify(x) @ wt`` reading only the kept rows of ``wt``.
+
+``wt`` is input-major (``[K, N]``, one contiguous row per input channel), so a dropped
+channel is a whole row never read. One launch does everything:
+
+1. Compaction (``_compact``). Program ``(n, k)`` owns a chunk of ``K`` and, for its
+   segment's threshold, writes the ascending list of kept channel indices of that chunk
+   and the rows' masked values into a small scratch buffer. Masking loads inside a walk
+   over every row does not make the walk shorter (PERFORMANCE.md, probe results); a
+   compacted list does. A separate compaction kernel would cost a launch and a round
+   trip through memory on kernels that take 10-30 us, so every program compacts its own
+   chunk (a few KB of ``x``): all programs that share a chunk write the same bytes to
+   the same scratch slot (an idempotent write; each program reads back what it wrote
+   after a CTA barrier, so no program waits for another). gate|up with the activation
+   loads ``x`` once and writes both lists (the two thresholds may differ).
+2. Row walk (``_walk``). The program gathers ``ROWS`` kept rows at a time, each a
+   contiguous run of ``BLOCK_N`` weights, and accumulates in fp32. Time therefore falls
+   with the kept bytes. Compaction and walk are separate functions so that quantized
+   weights (int8 per-output-channel scales, group-wise int4 along K) can reuse the
+   compaction and swap in a walk that dequantizes.
+3. Split-K reduction. When the ``N`` blocks alone cannot fill the GPU, ``K`` is split
+   into ``split_k`` chunks. Each program writes its fp32 partial; an atomic ticket per
+   output block elects the last arriving program, which sums the partials in fixed
+   chunk order and applies the epilogue. The atomic only counts arrivals, so results
+   are bitwise deterministic; it saves the second launch a reduction kernel would
+   need. The ticket counters live in a per-device buffer that the last program resets
+   to zero, so concurrent launches of these kernels on different streams of the same
+   device are not supported (decoding uses one stream).
+
+Batches of 2..64 rows use the union of the rows' kept channels (a row of ``wt`` is read
+once for all rows) and a ``tl.dot`` over the gathered rows; each row still uses its own
+masked values, so every row of the result equals the reference for that row.
+
+The test is ``|x_i| * s_i > t`` with ``t`` rounded to x's dtype first, which is what
+torch does when a half tensor meets a 0-dim fp32 threshold (``reference.sparse_linear_fused``).
+
+Where the time goes (H100, benchmarks/results/kernels-h100-2026-11-23.json): the walk
+streams kept rows at the rate cuBLAS streams a dense matrix, but a launch that drops every
+input still costs about 9-10 us in that benchmark (x and the thresholds must arrive
+before the first weight address is known, then the scratch round trip and the split-K
+tickets), 2-3 us more than cuBLAS's smallest GEMV. So the large matrices beat cuBLAS on
+the compacted matrix at 25-65 % sparsity and the small ones (q, k, v, o) trail it by
+5-20 %.
+
+No host synchronisation, grid sizes depend only on shapes, and thresholds are read on
+the device: the launchers can be captured in CUDA graphs. Configurations are picked
+on the host from shapes (tuned table, runtime tuning results, then a heuristic); call
+:func:`tune` or :func:`prepare` before capturing, never inside a capture.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "GemvConfig",
+    "sparse_gemv",
+    "sparse_gemv_fused",
+    "sparse_gate_up_act",
+    "get_config",
+    "set_config",
+    "tune",
+    "prepare",
+]
+
+ACTS = {"none": 0, "silu": 1, "relu": 2, "relu2": 3, "gelu": 4}
+MAX_SEGMENTS = 4
+MAX_BATCH = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _scores(
+    x_ptr,
+    stride_xb,
+    stride_xk,
+    s_ptr,
+    k_lo,
+    k_len,
+    B,
+    BB: tl.constexpr,
+    KC: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Load ``x[:, k_lo:k_lo+k_len]`` (padded to ``[BB, KC]``) and its scores ``|x| * s``."""
+    offs = tl.arange(0, KC)
+    kmask = offs < k_len
+    k = k_lo + offs
+    b = tl.arange(0, BB)
+    m2 = (b < B)[:, None] & kmask[None, :]
+    xv = tl.load(x_ptr + b[:, None] * stride_xb + k[None, :] * stride_xk, mask=m2, other=0.0)
+    # fp32 before any arithmetic: the interpreter holds bf16 as raw bit patterns.
+    score = tl.abs(xv.to(tl.float32))
+    if HAS_SCALE:
+        # Same rounding as the reference: scale cast to x's dtype, product in x's dtype.
+        s = _round(tl.load(s_ptr + k, mask=kmask, other=0.0).to(tl.float32), xv.dtype, INTERPRET)
+        score = _round(score * s[None, :], xv.dtype, INTERPRET)
+    # Padding never passes the test, whatever the threshold.
+    score = tl.where(m2, score, float("-inf"))
+    return xv, score, k
+
+
+@triton.jit
+def _compact(xv, score, k, t, B, idx_ptr, val_ptr, BB: tl.constexpr, KC: tl.constexpr):
+    """Write the kept channels of the chunk in ascending order; return their count.
+
+    ``idx_ptr[j]`` gets the j-th kept channel (kept = kept by any row), ``val_ptr[b*KC+j]``
+    row b's value there, zero where row b itself drops it.
+    """
+    b = tl.arange(0, BB)
+    keep2 = score > t
+    keep = tl.max(keep2.to(tl.int32), axis=0)
+    pos = tl.cumsum(keep, axis=0) - 1
+    cnt = tl.sum(keep, axis=0)
+    tl.store(idx_ptr + pos, k, mask=keep > 0)
+    xm = tl.where(keep2, xv, tl.zeros_like(xv))
+    tl.store(
+        val_ptr + b[:, None] * KC + pos[None, :], xm, mask=(b < B)[:, None] & (keep > 0)[None, :]
+    )
+    return cnt
+
+
+@triton.jit
+def _walk(
+    w_ptr,
+    stride_wk,
+    cols,
+    nmask,
+    idx_ptr,
+    val_ptr,
+    cnt,
+    B,
+    BB: tl.constexpr,
+    KC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Sum over the ``cnt`` compacted rows of ``val[b, j] * wt[idx[j], cols]`` in fp32.
+
+    Returns ``[BB, BLOCK_N]`` (dot path) or ``[1, BLOCK_N]`` (batch 1, FMA path).
+    """
+    # The interpreter (triton 3.6 with numpy >= 2.3) cannot take a tensor as a loop bound;
+    # there the walk covers the whole chunk (KC) under masks, which computes the same sum.
+    offs_r = tl.arange(0, ROWS)
+    if USE_DOT:
+        acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+        b = tl.arange(0, BB)
+    else:
+        # 2-D accumulator: one cross-thread reduction at the end instead of per step.
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    # Row indices are loaded one step ahead, so the dependent index load (an L2 hit)
+    # does not sit in front of every weight load.
+    rows = tl.load(idx_ptr + offs_r, mask=offs_r < cnt, other=0)
+    if PREFETCH:
+        # Double buffering by hand (FMA path): the next step's weights are in flight
+        # while this step's multiply-adds run.
+        w, v = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, offs_r, cnt)
+        rows = tl.load(idx_ptr + ROWS + offs_r, mask=ROWS + offs_r < cnt, other=0)
+        if INTERPRET:
+            for j in range(0, KC, ROWS):
+                r1 = j + ROWS + offs_r
+                w1, v1 = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r1, cnt)
+                rows = tl.load(idx_ptr + ROWS + r1, mask=ROWS + r1 < cnt, other=0)
+                acc += v.to(tl.float32)[:, None] * w.to(tl.float32)
+                w, v = w1, v1
+        else:
+            for j in range(0, cnt, ROWS):
+                r1 = j + ROWS + offs_r
+                w1, v1 = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r1, cnt)
+                rows = tl.load(idx_ptr + ROWS + r1, mask=ROWS + r1 < cnt, other=0)
+                acc += v.to(tl.float32)[:, None] * w.to(tl.float32)
+                w, v = w1, v1
+    else:
+        if INTERPRET:
+            for j in range(0, KC, ROWS):
+                r = j + offs_r
+                w, v = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r, cnt)
+                rows = tl.load(idx_ptr + ROWS + r, mask=ROWS + r < cnt, other=0)
+                if USE_DOT:
+                    acc = _dot_acc(acc, w, val_ptr, b, B, r, cnt, KC, F32_DOT)
+                else:
+                    acc += v.to(tl.float32)[:, None] * w.to(tl.float32)
+        else:
+            for j in range(0, cnt, ROWS):
+                r = j + offs_r
+                w, v = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r, cnt)
+                rows = tl.load(idx_ptr + ROWS + r, mask=ROWS + r < cnt, other=0)
+                if USE_DOT:
+                    acc = _dot_acc(acc, w, val_ptr, b, B, r, cnt, KC, F32_DOT)
+                else:
+                    acc += v.to(tl.float32)[:, None] * w.to(tl.float32)
+    if USE_DOT:
+        return acc
+    else:
+        return tl.sum(acc, axis=0)[None, :]
+
+
+@triton.jit
+def _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r, cnt):
+    """Kept rows ``r`` (positions in the compacted list; ``rows`` their channels): each a
+    contiguous run of the block's columns, and the batch-1 input values there."""
+    rmask = r < cnt
+    w = tl.load(
+        w_ptr + rows.to(tl.int64)[:, None] * stride_wk + cols[None, :],
+        mask=rmask[:, None] & nmask[None, :],
+        other=0.0,
+    )
+    v = tl.load(val_ptr + r, mask=rmask, other=0.0)
+    return w, v
+
+
+@triton.jit
+def _dot_acc(acc, w, val_ptr, b, B, r, cnt, KC: tl.constexpr, F32_DOT: tl.constexpr):
+    """Batch path: ``acc[BB, BLOCK_N] += vals[BB, ROWS] @ w[ROWS, BLOCK_N]`` on tensor cores."""
+    v = tl.load(
+        val_ptr + b[:, None] * KC + r[None, :],
+        mask=(b < B)[:, None] & (r < cnt)[None, :],
+        other=0.0,
+    )
+    if F32_DOT:
+        acc += tl.dot(v.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(v, w, acc)
+    return acc
+
+
+@triton.jit
+def _round(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``v`` rounded to ``dtype`` (nearest even), returned as fp32.
+
+    The interpreter truncates fp32 -> bf16; rounding by hand keeps CPU tests exact.
+    """
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return v.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    if ACT == 1:  # silu
+        return g / (1.0 + tl.exp(-g))
+    elif ACT == 2:  # relu
+        return tl.maximum(g, 0.0)
+    elif ACT == 3:  # relu2
+        r = tl.maximum(g, 0.0)
+        return r * r
+    elif ACT == 4:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * z)))
+    else:
+        return g
+
+
+@triton.jit
+def _sparse_gemv_kernel(
+    x_ptr,
+    stride_xb,
+    stride_xk,
+    w_ptr,
+    stride_wk,
+    t_ptr,
+    s_ptr,
+    idx_ptr,
+    val_ptr,
+    part_ptr,
+    lock_ptr,
+    y_ptr,
+    stride_yb,
+    B,
+    K,
+    N_PART,
+    k_chunk,
+    W0,
+    W1,
+    W2,
+    W3,
+    NSEG: tl.constexpr,
+    PAIR: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BB: tl.constexpr,
+    KC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Grid ``(output blocks, split_k)``.
+
+    Plain/fused (PAIR=0): output block ``pid_n`` lies in one segment of ``wt``'s columns
+    (segments never share a block, so each block has one threshold). PAIR=1 (gate|up with
+    an activation): block ``pid_n`` covers the same columns of gate and of up, so the
+    epilogue can form ``act(gate) * up`` in registers.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * k_chunk
+    k_len = tl.minimum(k_chunk, K - k_lo)
+    b = tl.arange(0, BB)
+    bmask = b < B
+
+    if PAIR:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < W0
+        cols = offs_n
+        cols2 = W0 + offs_n
+        t0 = _round(tl.load(t_ptr).to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
+        t1 = _round(tl.load(t_ptr + 1).to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
+        slot0 = pid_k
+        slot1 = SPLIT_K + pid_k
+        xv, score, k = _scores(
+            x_ptr, stride_xb, stride_xk, s_ptr, k_lo, k_len, B, BB, KC, HAS_SCALE, INTERPRET
+        )
+        # One load of x serves both lists (gate and up may have different thresholds).
+        cnt0 = _compact(
+            xv, score, k, t0, B, idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, BB, KC
+        )
+        cnt1 = _compact(
+            xv, score, k, t1, B, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, BB, KC
+        )
+        # Makes this CTA's scratch writes visible to all of its threads.
+        tl.debug_barrier()
+        acc = _walk(
+            w_ptr,
+            stride_wk,
+            cols,
+            nmask,
+            idx_ptr + slot0 * KC,
+            val_ptr + slot0 * BB * KC,
+            cnt0,
+            B,
+            BB,
+            KC,
+            BLOCK_N,
+            ROWS,
+            USE_DOT,
+            F32_DOT,
+            PREFETCH,
+            INTERPRET,
+        )
+        acc2 = _walk(
+            w_ptr,
+            stride_wk,
+            cols2,
+            nmask,
+            idx_ptr + slot1 * KC,
+            val_ptr + slot1 * BB * KC,
+            cnt1,
+            B,
+            BB,
+            KC,
+            BLOCK_N,
+            ROWS,
+            USE_DOT,
+            F32_DOT,
+            PREFETCH,
+            INTERPRET,
+        )
+    else:
+        # Which segment does this block belong to? Scalar arithmetic, no branches.
+        nb0 = tl.cdiv(W0, BLOCK_N)
+        blk = pid_n
+        seg = pid_n * 0
+        col0 = pid_n * 0
+        width = pid_n * 0 + W0
+        if NSEG > 1:
+            s1 = (pid_n >= nb0).to(tl.int32)
+            seg += s1
+            blk -= s1 * nb0
+            col0 += s1 * W0
+            width += s1 * (W1 - W0)
+        if NSEG > 2:
+            nb1 = tl.cdiv(W1, BLOCK_N)
+            s2 = (pid_n >= nb0 + nb1).to(tl.int32)
+            seg += s2
+            blk -= s2 * nb1
+            col0 += s2 * W1
+            width += s2 * (W2 - W1)
+        if NSEG > 3:
+            nb2 = tl.cdiv(W2, BLOCK_N)
+            s3 = (pid_n >= nb0 + nb1 + nb2).to(tl.int32)
+            seg += s3
+            blk -= s3 * nb2
+            col0 += s3 * W2
+            width += s3 * (W3 - W2)
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < width
+        cols = col0 + offs_n
+        # Compared in x's dtype, as torch compares a half tensor with a 0-dim fp32 tensor.
+        t = _round(tl.load(t_ptr + seg).to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
+        slot = seg * SPLIT_K + pid_k
+        xv, score, k = _scores(
+            x_ptr, stride_xb, stride_xk, s_ptr, k_lo, k_len, B, BB, KC, HAS_SCALE, INTERPRET
+        )
+        cnt = _compact(xv, score, k, t, B, idx_ptr + slot * KC, val_ptr + slot * BB * KC, BB, KC)
+        tl.debug_barrier()
+        acc = _walk(
+            w_ptr,
+            stride_wk,
+            cols,
+            nmask,
+            idx_ptr + slot * KC,
+            val_ptr + slot * BB * KC,
+            cnt,
+            B,
+            BB,
+            KC,
+            BLOCK_N,
+            ROWS,
+            USE_DOT,
+            F32_DOT,
+            PREFETCH,
+            INTERPRET,
+        )
+        acc2 = acc  # unused
+
+    if USE_DOT:
+        rb = b
+        rmask = bmask
+    else:
+        rb = tl.arange(0, 1)
+        rmask = rb < 1
+
+    if SPLIT_K > 1:
+        pmask = rmask[:, None] & nmask[None, :]
+        pbase = part_ptr + pid_k * B * N_PART + rb[:, None] * N_PART
+        tl.store(pbase + cols[None, :], acc, mask=pmask)
+        if PAIR:
+            tl.store(pbase + cols2[None, :], acc2, mask=pmask)
+        # All threads' partial stores happen before the (release) ticket.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            # Last to arrive: sum every chunk's partial in fixed order (deterministic).
+            acc = tl.zeros_like(acc)
+            acc2 = tl.zeros_like(acc2)
+            for s in range(SPLIT_K):
+                sbase = part_ptr + s * B * N_PART + rb[:, None] * N_PART
+                acc += tl.load(sbase + cols[None, :], mask=pmask, other=0.0, cache_modifier=".cg")
+                if PAIR:
+                    acc2 += tl.load(
+                        sbase + cols2[None, :], mask=pmask, other=0.0, cache_modifier=".cg"
+                    )
+            tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
+            _epilogue(
+                y_ptr, stride_yb, rb, rmask, offs_n, cols, nmask, acc, acc2, PAIR, ACT, INTERPRET
+            )
+    else:
+        _epilogue(y_ptr, stride_yb, rb, rmask, offs_n, cols, nmask, acc, acc2, PAIR, ACT, INTERPRET)
+
+
+@triton.jit
+def _epilogue(
+    y_ptr,
+    stride_yb,
+    rb,
+    rmask,
+    offs_n,
+    cols,
+    nmask,
+    acc,
+    acc2,
+    PAIR: tl.constexpr,
+    ACT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    ty = y_ptr.dtype.element_ty
+    omask = rmask[:, None] & nmask[None, :]
+    if PAIR:
+        # Round gate and up to the output dtype first, as the unfused reference does.
+        g = _round(acc, ty, INTERPRET)
+        u = _round(acc2, ty, INTERPRET)
+        h = _round(_act(g, ACT) * u, ty, INTERPRET)
+        tl.store(y_ptr + rb[:, None] * stride_yb + offs_n[None, :], h.to(ty), mask=omask)
+    else:
+        h = _round(acc, ty, INTERPRET)
+        tl.store(y_ptr + rb[:, None] * stride_yb + cols[None, :], h.to(ty), mask=omask)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters. ``rows``: kept rows gathered per loop step; ``split_k``: K chunks."""
+
+    block_n: int = 128
+    rows: int = 32
+    split_k: int = 4
+    num_warps: int = 4
+    num_stages: int = 1
+    dot: bool = False  # batch 1 through tl.dot (batches > 1 always use it)
+    prefetch: bool = False  # FMA path: load the next rows before this step's math
+
+
+# Measured on one H100 80GB HBM3 (benchmarks/bench_kernels.py --tune, 2026-11-23), bf16;
+# fp16 reads the same bytes and uses the same entries. Other GPUs: a starting point, run
+# tune(). Key: (K, N of the launch, pair, batch bucket).
+_TABLE: dict[tuple[int, int, bool, int], GemvConfig] = {
+    (4096, 6144, False, 1): GemvConfig(512, 16, 22, 4, 1, False, False),
+    (4096, 4096, False, 1): GemvConfig(512, 16, 32, 4, 1, False, False),
+    (4096, 1024, False, 1): GemvConfig(128, 32, 32, 4, 1, False, False),
+    (4096, 28672, False, 1): GemvConfig(512, 16, 5, 4, 1, False, True),
+    (4096, 28672, True, 1): GemvConfig(512, 16, 10, 4, 1, False, False),
+    (4096, 14336, False, 1): GemvConfig(512, 16, 10, 4, 1, False, True),
+    (14336, 4096, False, 1): GemvConfig(512, 16, 33, 4, 1, False, True),
+    (4096, 22016, False, 1): GemvConfig(512, 16, 7, 4, 1, False, True),
+    (4096, 22016, True, 1): GemvConfig(512, 16, 12, 4, 1, False, False),
+    (4096, 11008, False, 1): GemvConfig(512, 16, 12, 4, 1, False, True),
+    (11008, 4096, False, 1): GemvConfig(512, 16, 33, 4, 1, False, False),
+    (4096, 6144, False, 16): GemvConfig(256, 64, 11, 4, 1, True, False),
+    (4096, 28672, True, 16): GemvConfig(256, 64, 10, 4, 1, True, False),
+    (14336, 4096, False, 16): GemvConfig(256, 32, 33, 4, 3, True, False),
+}
+
+# Runtime results of tune() / set_config(): key (K, N, pair, batch bucket, dtype).
+_TUNED: dict[tuple, GemvConfig] = {}
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _NUM_SMS:
+        _NUM_SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _NUM_SMS[i]
+
+
+def _bucket(b: int) -> int:
+    # Batches of 2..16 run the same kernel (the dot tile is padded to 16 rows).
+    return 1 if b == 1 else max(16, triton.next_power_of_2(b))
+
+
+def _heuristic(k: int, n: int, pair: bool, b: int, device: torch.device) -> GemvConfig:
+    """What the H100 tuning (bench_kernels.py --tune) kept choosing, for shapes not in
+    the table: wide row runs, about two CTAs per SM, chunks of K of a few hundred rows."""
+    n_eff = n // 2 if pair else n
+    sms = _num_sms(device)
+    if b > 1:
+        block_n, rows, waves = 256, 64, 2
+    elif n_eff >= 2048:
+        block_n, rows, waves = 512, 16, 2
+    else:
+        block_n, rows, waves = 128, 32, 4
+    block_n = min(block_n, max(16, triton.next_power_of_2(n_eff)))
+    n_blocks = triton.cdiv(n_eff, block_n)
+    split = max(1, min(triton.cdiv(waves * sms, n_blocks), triton.cdiv(k, 128)))
+    bb = 1 if b == 1 else max(16, triton.next_power_of_2(b))
+    # Keep the compaction tile (bb x chunk) small enough for registers.
+    while bb * triton.next_power_of_2(triton.cdiv(k, split)) > 16384:
+        split *= 2
+    return GemvConfig(block_n, rows, split, 4, 1, b > 1, b == 1 and block_n <= 128)
+
+
+def get_config(
+    k: int,
+    n: int,
+    dtype: torch.dtype,
+    b: int = 1,
+    pair: bool = False,
+    device: torch.device | str = "cuda",
+) -> GemvConfig:
+    """The configuration a launch of this shape uses (tuned, then table, then heuristic)."""
+    bk = _bucket(b)
+    cfg = _TUNED.get((k, n, pair, bk, dtype))
+    if cfg is None:
+        cfg = _TABLE.get((k, n, pair, bk))
+    if cfg is None:
+        cfg = _heuristic(k, n, pair, b, torch.device(device))
+    return cfg
+
+
+def set_config(
+    k: int, n: int, dtype: torch.dtype, cfg: GemvConfig, b: int = 1, pair: bool = False
+) -> None:
+    """Pin the configuration used for a shape (what :func:`tune` does with its winner)."""
+    _TUNED[(k, n, pair, _bucket(b), dtype)] = cfg
+
+
+# --------------------------------------------------------------------------- launchers
+
+_LOCKS: dict[tuple[str, int | None], Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> Tensor:
+    """Per-device split-K ticket counters; zero between launches (the kernel resets them)."""
+    key = (device.type, device.index)
+    buf = _LOCKS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
+        _LOCKS[key] = buf
+    return buf
+
+
+def _as_threshold(t: Tensor | float, n: int, device: torch.device) -> Tensor:
+    if not isinstance(t, Tensor):
+        # Convenience only: a new tensor per call cannot be updated inside a CUDA graph.
+        t = torch.full((n,), float(t), dtype=torch.float32, device=device)
+    t = t.reshape(-1)
+    if t.numel() == 1 and n > 1:
+        t = t.expand(n).contiguous()
+    if t.numel() != n:
+        raise ValueError(f"expected {n} threshold(s), got a tensor of {t.numel()}")
+    if t.device != device:
+        raise ValueError(
+            f"thresholds are on {t.device}, x on {device}: move them once, outside the decode loop"
+        )
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _launch(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor | float,
+    splits: tuple[int, ...],
+    scale: Tensor | None,
+    pair: bool,
+    act: str,
+    config: GemvConfig | None = None,
+) -> Tensor:
+    if wt.dim() != 2:
+        raise ValueError(f"wt must be [K, N], got shape {tuple(wt.shape)}")
+    k, n = wt.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} channels, wt has {k} rows (wt is [K, N])")
+    if x.dtype != wt.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x and wt must share a float dtype, got {x.dtype} and {wt.dtype}")
+    if wt.stride(1) != 1:
+        raise ValueError(
+            "wt must have contiguous rows (wt.stride(1) == 1): store it "
+            "input-major once at load time, not per call"
+        )
+    if sum(splits) != n or not 1 <= len(splits) <= MAX_SEGMENTS:
+        raise ValueError(f"splits {splits} must sum to N={n} with 1..{MAX_SEGMENTS} segments")
+    if pair and (len(splits) != 2 or splits[0] != splits[1]):
+        raise ValueError(f"gate|up needs two equal halves, got {splits}")
+    if act not in ACTS:
+        raise ValueError(f"unknown activation {act!r}: expected one of {sorted(ACTS)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    b = x2.shape[0]
+    if not 1 <= b <= MAX_BATCH:
+        raise ValueError(
+            f"sparse GEMV takes 1..{MAX_BATCH} rows, got {b}: use a dense matmul for prefill"
+        )
+    dev = x.device
+    t = _as_threshold(thresholds, len(splits), dev)
+    if scale is not None:
+        if scale.numel() != k:
+            raise ValueError(f"scale must have {k} entries (one per input channel)")
+        scale = scale.reshape(-1).contiguous()
+    cfg = config or get_config(k, n, x.dtype, b, pair, dev)
+
+    use_dot = cfg.dot or b > 1
+    bb = max(16, triton.next_power_of_2(b)) if use_dot else 1
+    k_chunk = triton.cdiv(k, max(1, cfg.split_k))
+    split = triton.cdiv(k, k_chunk)
+    kc = max(16, triton.next_power_of_2(k_chunk))
+    block_n = cfg.block_n
+    rows = max(cfg.rows, 16) if use_dot else cfg.rows
+    widths = list(splits) + [0] * (MAX_SEGMENTS - len(splits))
+    if pair:
+        grid_n = triton.cdiv(splits[0], block_n)
+        n_out = splits[0]
+        slots = 2
+    else:
+        grid_n = sum(triton.cdiv(w, block_n) for w in splits)
+        n_out = n
+        slots = len(splits)
+
+    y = torch.empty((b, n_out), dtype=x.dtype, device=dev)
+    idx = torch.empty(slots * split * kc, dtype=torch.int32, device=dev)
+    val = torch.empty(slots * split * bb * kc, dtype=x.dtype, device=dev)
+    if split > 1:
+        part = torch.empty((split, b, n), dtype=torch.float32, device=dev)
+        locks = _locks(dev, grid_n)
+    else:
+        part = y  # unused
+        locks = idx  # unused
+    _sparse_gemv_kernel[(grid_n, split)](
+        x2,
+        x2.stride(0),
+        x2.stride(1),
+        wt,
+        wt.stride(0),
+        t,
+        scale if scale is not None else t,
+        idx,
+        val,
+        part,
+        locks,
+        y,
+        y.stride(0),
+        b,
+        k,
+        n,
+        k_chunk,
+        widths[0],
+        widths[1],
+        widths[2],
+        widths[3],
+        NSEG=len(splits),
+        PAIR=pair,
+        ACT=ACTS[act] if pair else 0,
+        HAS_SCALE=scale is not None,
+        BB=bb,
+        KC=kc,
+        BLOCK_N=block_n,
+        ROWS=rows,
+        SPLIT_K=split,
+        USE_DOT=use_dot,
+        PREFETCH=cfg.prefetch and not use_dot,
+        F32_DOT=_interpreting() or x.dtype == torch.float32,
+        INTERPRET=_interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return y.reshape(*lead, n_out)
+
+
+def sparse_gemv(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    scale: Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> Tensor:
+    """``sparsify(x, t, scale) @ wt`` reading only the rows of ``wt`` that some row keeps.
+
+    x: ``[..., K]`` (1 to 64 rows in all, any strides); wt: ``[K, N]`` with contiguous rows;
+    thresholds: a 1-element fp32 tensor on x's device (a tensor so that a captured CUDA
+    graph sees new values). Keeps channel i of a row where ``|x_i| * scale_i > t`` (t
+    rounded to x's dtype). With several rows, a row of ``wt`` is read if any row keeps
+    the channel, and each row still multiplies by zero where it drops the channel.
+    Returns ``[..., N]`` in x's dtype, accumulated in fp32.
+    """
+    return _launch(x, wt, thresholds, (wt.shape[1],), scale, False, "none", config)
+
+
+def sparse_gemv_fused(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    splits: tuple[int, ...],
+    scale: Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> Tensor:
+    """One input, up to four weights concatenated along N (q|k|v, gate|up), one launch.
+
+    Segment j (``splits[j]`` columns) sees the input sparsified with ``thresholds[j]``.
+    """
+    return _launch(x, wt, thresholds, tuple(int(s) for s in splits), scale, False, "none", config)
+
+
+def sparse_gate_up_act(
+    x: Tensor,
+    wt_gate_up: Tensor,
+    thresholds: Tensor,
+    act: str = "silu",
+    scale: Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> Tensor:
+    """``act(x_g @ gate) * (x_u @ up)`` with ``wt_gate_up = [gate | up]`` (``[K, 2F]``).
+
+    ``thresholds[0]`` sparsifies the gate input, ``thresholds[1]`` the up input. The
+    activation runs in the epilogue: returns the down projection's input ``[..., F]``.
+    """
+    f = wt_gate_up.shape[1] // 2
+    if wt_gate_up.shape[1] != 2 * f:
+        raise ValueError(f"wt_gate_up must be [K, 2F], got {tuple(wt_gate_up.shape)}")
+    return _launch(x, wt_gate_up, thresholds, (f, f), scale, True, act, config)
+
+
+# --------------------------------------------------------------------------- tuning
+
+
+def candidate_configs(k: int, n: int, pair: bool, b: int = 1) -> list[GemvConfig]:
+    """A small search space around what filled an H100 best: tile widths, rows per step,
+    split-K (from a target number of waves of CTAs), double buffering, tl.dot."""
+    out = []
+    n_eff = n // 2 if pair else n
+    sms = 132
+
+    def split_for(block_n, waves):
+        n_blocks = triton.cdiv(n_eff, block_n)
+        return max(1, min(triton.cdiv(waves * sms, n_blocks), triton.cdiv(k, 128)))
+
+    if b > 1:
+        # Batches always take the tl.dot path; its loads pipeline with num_stages > 1.
+        for block_n in (64, 128, 256):
+            for rows in (32, 64):
+                for stages in (1, 3):
+                    for waves in (2, 4):
+                        split = split_for(block_n, waves)
+                        out.append(GemvConfig(block_n, rows, split, 4, stages, True))
+        return sorted(set(out), key=lambda c: (c.block_n, c.split_k, c.rows, c.num_stages))
+    dot = False
+    for block_n in (128, 256, 512):
+        if block_n > max(16, triton.next_power_of_2(n_eff)):
+            continue
+        for waves in (2, 4):
+            shapes = ((16, 4), (16, 8)) if block_n == 512 else ((16, 4), (32, 4))
+            for rows, warps in shapes:
+                for pre in (False, True):
+                    split = split_for(block_n, waves)
+                    out.append(GemvConfig(block_n, rows, split, warps, 1, dot, pre and not dot))
+    # No split-K where the output blocks alone make enough CTAs: no partials, no tickets.
+    for block_n in (64, 128):
+        if triton.cdiv(n_eff, block_n) >= 3 * sms // 2:
+            for rows in (32, 64):
+                out.append(GemvConfig(block_n, rows, 1, 4, 1, False, True))
+    # tl.dot: the compiler pipelines its operand loads (cp.async) num_stages deep.
+    for block_n, rows, stages in ((128, 32, 3), (128, 64, 4), (256, 32, 3)):
+        if block_n <= max(16, triton.next_power_of_2(n_eff)):
+            out.append(GemvConfig(block_n, rows, split_for(block_n, 4), 4, stages, True))
+    if n_eff < 256:
+        out.append(GemvConfig(64, 32, split_for(64, 4), 4, 1, dot))
+    return sorted(
+        set(out), key=lambda c: (c.block_n, c.split_k, c.rows, c.num_stages, c.dot, c.prefetch)
+    )
+
+
+def tune(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    splits: tuple[int, ...] | None = None,
+    pair: bool = False,
+    act: str = "silu",
+    scale: Tensor | None = None,
+    candidates: list[GemvConfig] | None = None,
+    rep_ms: int = 40,
+) -> tuple[GemvConfig, list[tuple[GemvConfig, float]]]:
+    """Time the candidates on these inputs (L2 flushed), pin and return the fastest.
+
+    Run it before capturing a CUDA graph, on representative activations: timing depends
+    on the kept fraction. Returns the winner and every (config, median us).
+    """
+    from triton.testing import do_bench
+
+    k, n = wt.shape
+    b = x.reshape(-1, k).shape[0]
+    splits = tuple(splits) if splits else ((n // 2, n // 2) if pair else (n,))
+    cands = candidates or candidate_configs(k, n, pair, b)
+    results = []
+    for cfg in cands:
+
+        def fn(cfg=cfg):
+            if pair:
+                return sparse_gate_up_act(x, wt, thresholds, act, scale, config=cfg)
+            return sparse_gemv_fused(x, wt, thresholds, splits, scale, config=cfg)
+
+        ms = do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+        results.append((cfg, ms * 1e3))
+    best = min(results, key=lambda r: r[1])[0]
+    set_config(k, n, x.dtype, best, b, pair)
+    return best, results
+
+
+def prepare(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    splits: tuple[int, ...] | None = None,
+    pair: bool = False,
+    act: str = "silu",
+    scale: Tensor | None = None,
+) -> None:
+    """Compile the kernel for this shape and allocate the ticket counters, outside capture."""
+    k, n = wt.shape
+    splits = tuple(splits) if splits else ((n // 2, n // 2) if pair else (n,))
+    if pair:
+        sparse_gate_up_act(x, wt, thresholds, act, scale)
+    else:
+        sparse_gemv_fused(x, wt, thresholds, splits, scale)

@@ -1,0 +1,259 @@
+"""Triton sparse GEMV kernels against the plain-torch reference.
+
+Without a GPU the kernels run under the Triton interpreter (small shapes); with one
+they run natively. Speed is measured in benchmarks/bench_kernels.py, never here.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton.jit decorates the kernels (at import of triton_gemv).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import importlib  # noqa: E402
+
+from teal.kernels import reference as ref  # noqa: E402
+from teal.kernels import triton_gemv as tg  # noqa: E402
+
+if not torch.cuda.is_available() and type(tg._sparse_gemv_kernel).__name__ == "JITFunction":
+    # Another module imported the kernels before TRITON_INTERPRET was set: decorate again.
+    tg = importlib.reload(tg)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+DTYPES = [torch.float16, torch.bfloat16]
+# (K, N): odd sizes, a single input channel, sizes that are not multiples of any block.
+SHAPES = [(67, 45), (1, 33), (128, 96), (301, 130)]
+SPARSITY = [0.0, 0.5, 0.9, 1.0]  # 1.0: the threshold drops every input
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _inputs(b, k, n, dtype, seed=0, scale=False):
+    g = _gen(seed)
+    x = torch.randn(b, k, generator=g).to(dtype)
+    wt = (torch.randn(k, n, generator=g) / k**0.5).to(dtype)
+    s = (torch.rand(k, generator=g) + 0.5).to(dtype) if scale else None
+    return x.to(DEVICE), wt.to(DEVICE), None if s is None else s.to(DEVICE)
+
+
+def _threshold(x, p, scale=None):
+    """A threshold that drops about a fraction p of the scores.
+
+    Rounded to a bf16 value (exact in fp16 too), so that the kernel and the reference
+    compare against the same number whichever precision they compare in.
+    """
+    if p <= 0.0:
+        return -1.0  # keeps everything, zeros included
+    if p >= 1.0:
+        return 1e4
+    sc = x.float().abs() if scale is None else (x.abs() * scale.to(x.dtype)).float()
+    return float(torch.quantile(sc.flatten().cpu(), p).to(torch.bfloat16).float())
+
+
+def _tensor(ts):
+    return torch.tensor(ts, dtype=torch.float32, device=DEVICE).reshape(-1)
+
+
+def _check(y, r, dtype):
+    assert y.shape == r.shape and y.dtype == r.dtype
+    y, r = y.float().cpu(), r.float().cpu()
+    assert torch.isfinite(y).all()
+    # fp32 accumulation in another order, then one rounding to the output dtype.
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    mag = max(r.abs().max().item(), 1e-3)
+    torch.testing.assert_close(y, r, rtol=tol, atol=tol * mag)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("p", SPARSITY)
+@pytest.mark.parametrize("b", [1, 3])
+def test_sparse_gemv(dtype, k, n, p, b):
+    use_scale = p == 0.5  # the weight-informed score, once per shape and batch
+    x, wt, s = _inputs(b, k, n, dtype, seed=k * n + b, scale=use_scale)
+    t = _tensor(_threshold(x, p, s))
+    y = tg.sparse_gemv(x, wt, t, s)
+    _check(y, ref.sparse_linear(x, wt, t, s), dtype)
+    if p >= 1.0:
+        assert (y == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [(64, 16, 16), (45, 19), (7, 33, 1, 20)])
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("use_scale", [False, True])
+def test_sparse_gemv_fused(dtype, splits, b, use_scale):
+    k, n = 131, sum(splits)
+    x, wt, s = _inputs(b, k, n, dtype, seed=n + b, scale=use_scale)
+    ps = [0.0, 0.5, 0.9, 1.0][: len(splits)]
+    t = _tensor([_threshold(x, p, s) for p in ps])
+    y = tg.sparse_gemv_fused(x, wt, t, splits, s)
+    _check(y, ref.sparse_linear_fused(x, wt, t, splits, s), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["silu", "relu", "relu2", "gelu"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_sparse_gate_up_act(dtype, act, b):
+    k, f = 97, 70
+    x, wt, _ = _inputs(b, k, 2 * f, dtype, seed=f + b)
+    t = _tensor([_threshold(x, 0.4), _threshold(x, 0.7)])
+    y = tg.sparse_gate_up_act(x, wt, t, act)
+    _check(y, ref.sparse_gate_up_act(x, wt, t, act), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gate_up_all_dropped_and_dense(dtype):
+    x, wt, s = _inputs(2, 64, 96, dtype, seed=5, scale=True)
+    y = tg.sparse_gate_up_act(x, wt, _tensor([1e4, 1e4]), "silu", s)
+    assert (y == 0).all()
+    t = _tensor([0.0, -1.0])  # |x| > 0 keeps every nonzero input: 0 % sparsity
+    _check(
+        tg.sparse_gate_up_act(x, wt, t, "silu", s),
+        ref.sparse_gate_up_act(x, wt, t, "silu", s),
+        dtype,
+    )
+
+
+CONFIGS = [
+    tg.GemvConfig(block_n=16, rows=16, split_k=1, num_warps=1),
+    tg.GemvConfig(block_n=32, rows=16, split_k=7, num_warps=2),
+    tg.GemvConfig(block_n=64, rows=64, split_k=3, num_warps=4),
+    tg.GemvConfig(block_n=256, rows=32, split_k=2, num_warps=8),
+    tg.GemvConfig(block_n=32, rows=16, split_k=5, num_warps=4, dot=True),
+    tg.GemvConfig(block_n=64, rows=32, split_k=1, num_warps=4, num_stages=3, dot=True),
+    tg.GemvConfig(block_n=64, rows=16, split_k=3, num_warps=4, prefetch=True),
+    tg.GemvConfig(block_n=512, rows=16, split_k=1, num_warps=8, prefetch=True),
+]
+
+
+def _cfg_id(c):
+    return f"n{c.block_n}r{c.rows}s{c.split_k}d{c.dot:d}p{c.prefetch:d}"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_config_path(cfg, dtype):
+    """Block widths, split-K (with its ticketed reduction), the dot path at batch 1."""
+    x, wt, _ = _inputs(1, 203, 150, dtype, seed=11)
+    t = _tensor([_threshold(x, 0.3), _threshold(x, 0.6)])
+    y = tg.sparse_gemv_fused(x, wt, t, (100, 50), config=cfg)
+    _check(y, ref.sparse_linear_fused(x, wt, t, (100, 50)), dtype)
+    g = tg.sparse_gate_up_act(x, wt[:, :150], t, "silu", config=cfg)
+    _check(g, ref.sparse_gate_up_act(x, wt[:, :150], t, "silu"), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_and_leading_dims(dtype):
+    k, n = 90, 50
+    g = _gen(3)
+    wt = (torch.randn(k, n, generator=g) / k**0.5).to(dtype).to(DEVICE)
+    t = _tensor(0.5)
+    # A transposed view: x[b, k] lives at stride (1, 3).
+    xt = torch.randn(k, 3, generator=g).to(dtype).to(DEVICE).t()
+    assert not xt.is_contiguous()
+    _check(tg.sparse_gemv(xt, wt, t), ref.sparse_linear(xt, wt, t), dtype)
+    # Every other channel of a wider buffer.
+    xs = torch.randn(2, 2 * k, generator=g).to(dtype).to(DEVICE)[:, ::2]
+    _check(tg.sparse_gemv(xs, wt, t), ref.sparse_linear(xs, wt, t), dtype)
+    # [batch, seq, K] and a plain vector.
+    x3 = torch.randn(2, 2, k, generator=g).to(dtype).to(DEVICE)
+    _check(tg.sparse_gemv(x3, wt, t), ref.sparse_linear(x3, wt, t), dtype)
+    x1 = torch.randn(k, generator=g).to(dtype).to(DEVICE)
+    _check(tg.sparse_gemv(x1, wt, t), ref.sparse_linear(x1, wt, t), dtype)
+
+
+def test_batch_rows_keep_their_own_zeros():
+    """The union walk reads a row once for all rows; each row still drops its own inputs."""
+    k, n = 64, 40
+    x, wt, _ = _inputs(2, k, n, torch.float16, seed=9)
+    x[0, :32] = 3.0  # row 0 keeps the first half only
+    x[0, 32:] = 0.01
+    x[1, :32] = 0.01  # row 1 keeps the second half only
+    x[1, 32:] = -2.0
+    t = _tensor(0.5)
+    y = tg.sparse_gemv(x, wt, t)
+    _check(y, ref.sparse_linear(x, wt, t), torch.float16)
+    _check(y[0], (x[0, :32].float() @ wt[:32].float()).half(), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_compared_in_activation_dtype(dtype):
+    """t is rounded to x's dtype first, as torch compares a half tensor with a 0-dim fp32
+    tensor (the fused reference): 0.49995 rounds to 0.5, so an input of 0.5 is dropped."""
+    k, n = 40, 24
+    x, wt, _ = _inputs(1, k, n, dtype, seed=12)
+    x[0, ::3] = 0.5
+    x[0, 1::3] = -0.5
+    t = _tensor([0.49995, 0.5001])
+    y = tg.sparse_gemv_fused(x, wt, t, (12, 12))
+    r = ref.sparse_linear_fused(x, wt, t, (12, 12))
+    _check(y, r, dtype)
+    assert not ref.keep_mask(x, t[0]).any(dim=0)[::3].any()  # the reference drops them too
+
+
+def test_deterministic():
+    x, wt, _ = _inputs(1, 257, 96, torch.bfloat16, seed=4)
+    t = _tensor(_threshold(x, 0.5))
+    cfg = tg.GemvConfig(block_n=32, rows=16, split_k=6)
+    a = tg.sparse_gemv(x, wt, t, config=cfg)
+    b = tg.sparse_gemv(x, wt, t, config=cfg)
+    assert torch.equal(a, b)
+
+
+def test_threshold_is_read_on_device():
+    """Changing the threshold tensor in place changes the result (CUDA-graph friendly)."""
+    x, wt, _ = _inputs(1, 80, 48, torch.float16, seed=8)
+    t = _tensor(-1.0)
+    _check(tg.sparse_gemv(x, wt, t), ref.sparse_linear(x, wt, t), torch.float16)
+    t.fill_(1e4)
+    assert (tg.sparse_gemv(x, wt, t) == 0).all()
+
+
+def test_errors_say_what_is_wrong():
+    x, wt, _ = _inputs(1, 32, 16, torch.float16)
+    t = _tensor(0.1)
+    with pytest.raises(ValueError, match="rows"):
+        tg.sparse_gemv(x, wt.t(), t)
+    with pytest.raises(ValueError, match="splits"):
+        tg.sparse_gemv_fused(x, wt, _tensor([0.1, 0.1]), (8, 7))
+    with pytest.raises(ValueError, match="threshold"):
+        tg.sparse_gemv_fused(x, wt, _tensor([0.1, 0.1, 0.1]), (8, 8))
+    with pytest.raises(ValueError, match="activation"):
+        tg.sparse_gate_up_act(x, wt, _tensor([0.1, 0.1]), "swish")
+    with pytest.raises(ValueError, match="dtype"):
+        tg.sparse_gemv(x.float(), wt, t)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture():
+    x, wt, _ = _inputs(1, 4096, 1024, torch.bfloat16, seed=2)
+    t = _tensor(_threshold(x, 0.5))
+    tg.prepare(x, wt, t)  # compile and allocate outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = tg.sparse_gemv(x, wt, t)
+    for p in (0.5, 0.8, 0.0):
+        t.fill_(_threshold(x, p))
+        g.replay()
+        _check(y, ref.sparse_linear(x, wt, t), torch.bfloat16)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="timing needs a GPU")
+def test_tune_pins_a_config():
+    x, wt, _ = _inputs(1, 1024, 512, torch.float16, seed=1)
+    t = _tensor(_threshold(x, 0.5))
+    cands = [tg.GemvConfig(64, 32, 4), tg.GemvConfig(128, 32, 8)]
+    best, res = tg.tune(x, wt, t, candidates=cands, rep_ms=5)
+    assert best in cands and len(res) == 2
+    assert tg.get_config(1024, 512, torch.float16) == best
