@@ -60,6 +60,15 @@ def no_pickle(monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
 
 
+def fp32_kwargs() -> dict:
+    """``from_pretrained``'s fp32 argument: ``dtype`` since transformers 5, ``torch_dtype``
+    before."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
+
+
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
@@ -134,7 +143,7 @@ def test_hf_tensors_match_transformers(tmp_path, case):
     """transformers reads the same folder into the same tensors (names checked independently)."""
     transformers = pytest.importorskip("transformers")
     folder = write_hf_checkpoint(tmp_path / case, CONFIGS[case], seed=5, tokenizer=False)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **fp32_kwargs())
     state = ref.state_dict()
     with open_checkpoint(folder) as ckpt:
         for name in ckpt.names():
@@ -218,7 +227,7 @@ def test_gguf_tensors_match_transformers(tmp_path, case, qtype):
     pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
     path = write_gguf_checkpoint(tmp_path / "m.gguf", CONFIGS[case], seed=6, qtype=qtype)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path), gguf_file=path.name, dtype=torch.float32
+        str(tmp_path), gguf_file=path.name, **fp32_kwargs()
     )
     state = ref.state_dict()
     with open_checkpoint(path) as ckpt:
@@ -470,7 +479,7 @@ def test_hub_id_not_cached_offline(tmp_path, monkeypatch):
 
 def test_hub_id_not_cached_no_network(tmp_path, monkeypatch):
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
@@ -558,7 +567,7 @@ def test_default_model_tensors_match_transformers(default_model_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     ref = transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_model_path.parent), gguf_file=default_model_path.name, dtype=torch.float32
+        str(default_model_path.parent), gguf_file=default_model_path.name, **fp32_kwargs()
     )
     state = ref.state_dict()
     with open_checkpoint(default_model_path) as ckpt:

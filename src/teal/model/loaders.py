@@ -366,7 +366,7 @@ def _hf_cache_dir() -> Path:
 
 def _open_hub_id(repo_id: str) -> Checkpoint:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError
 
     cache = _hf_cache_dir()
     home = os.environ.get("HF_HOME", "unset")
@@ -824,5 +824,5 @@ def _open_gguf(path: Path) -> Checkpoint:
         str(path),
         "gguf",
         str(path),
-        lambda: tokenizer_from_gguf(path) if has_vocab else None,
+        lambda: tokenizer_from_gguf(path, gguf.meta) if has_vocab else None,
     )

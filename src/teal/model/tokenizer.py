@@ -12,8 +12,9 @@ same tokenizer.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from teal.errors import CorruptCheckpointError, UnsupportedModelError
 
@@ -51,15 +52,29 @@ def tokenizer_from_hf_folder(folder: str | os.PathLike) -> PreTrainedTokenizerBa
         ) from e
 
 
-def tokenizer_from_gguf(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+def tokenizer_from_gguf(
+    path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+) -> PreTrainedTokenizerBase:
     """The tokenizer stored in a GGUF file's metadata (``tokenizer.ggml.*``), with its chat
-    template (``tokenizer.chat_template``) when the file has one."""
+    template (``tokenizer.chat_template``) when the file has one. ``metadata``, when the caller
+    has already parsed it, lets older transformers releases be corrected (see below)."""
     path = Path(path)
     try:
         from transformers import PreTrainedTokenizerFast
         from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
     except ImportError:  # older transformers: the public (slower) route
-        return _tokenizer_from_gguf_public(path)
+        tok = _tokenizer_from_gguf_public(path)
+        if metadata is not None:
+            # transformers 4.x can name the wrong special tokens and adds BOS to byte-level
+            # GGUF vocabularies whatever the file says (SmolLM2's says no): apply the file's
+            # special token ids and add_bos/add_eos flags ourselves.
+            _apply_special_tokens(tok, metadata)
+            _apply_bos_eos_flags(
+                tok,
+                metadata.get("tokenizer.ggml.add_bos_token"),
+                metadata.get("tokenizer.ggml.add_eos_token"),
+            )
+        return tok
     try:
         architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
         backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
@@ -82,3 +97,35 @@ def _tokenizer_from_gguf_public(path: Path) -> PreTrainedTokenizerBase:
         raise UnsupportedModelError(
             f"cannot build a tokenizer from the metadata of {path}: {type(e).__name__}: {e}"
         ) from e
+
+
+def _apply_special_tokens(tok: PreTrainedTokenizerBase, metadata: Mapping[str, Any]) -> None:
+    n = len(tok)
+    for key, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
+                      ("padding", "pad_token")):  # fmt: skip
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(token_id, int) and 0 <= token_id < n:
+            setattr(tok, attr, tok.convert_ids_to_tokens(token_id))
+
+
+def _apply_bos_eos_flags(
+    tok: PreTrainedTokenizerBase, add_bos: bool | None, add_eos: bool | None
+) -> None:
+    """Make encoding add BOS/EOS exactly as the file's flags say (unset flags: leave as is)."""
+    from tokenizers import processors
+
+    ids = tok("a")["input_ids"]
+    bos, eos = tok.bos_token, tok.eos_token
+    if add_bos is None:
+        add_bos = bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id
+    if add_eos is None:
+        add_eos = bool(ids) and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id
+    head = [f"{bos}:0"] if add_bos and bos else []
+    tail = [f"{eos}:0"] if add_eos and eos else []
+    specials = [(t, tok.convert_tokens_to_ids(t)) for t in {*([bos] if head else []),
+                                                            *([eos] if tail else [])}]  # fmt: skip
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=" ".join([*head, "$A:0", *tail]),
+        pair=" ".join([*head, "$A:0", *tail, "$B:1"]),
+        special_tokens=specials,
+    )
