@@ -120,7 +120,9 @@ def main() -> None:
         "compile": args.compile,
     }
     if args.check:
-        result["checks"] = [check_engine(torch.bfloat16), check_engine(torch.float16)]
+        result["checks"] = [
+            check_engine(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)
+        ]
         print(json.dumps(result["checks"]), flush=True)
     t0 = time.time()
     model = random_model(PRESETS[args.preset], dtype=parse_dtype(args.dtype, "cuda"), device="cuda")

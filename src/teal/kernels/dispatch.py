@@ -41,7 +41,7 @@ def register_backend(
     _FAST[name] = (project_fn, gate_up_fn)
 
 
-def _load_backend(name: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+def load_backend(name: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
     if name not in _FAST:
         if name == "cpu":
             import teal.kernels.cpu  # noqa: F401  (registers itself)
@@ -87,7 +87,7 @@ def project(
                 start += width
             y = torch.cat(outs, dim=-1)
     else:
-        fn, _ = _load_backend(sparse.backend)
+        fn, _ = load_backend(sparse.backend)
         scale = sparse.scales.get(site) if sparse.scales else None
         y = fn(x, wt, sparse.thresholds[proj], splits, scale)
     return y if bias is None else y + bias
@@ -97,7 +97,7 @@ def project_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall | None, ac
     """``act(gate) * up``, the input of the down projection (site mlp-mid)."""
     ffn = wt_gate_up.shape[1] // 2
     if sparse is not None and sparse.backend != "torch" and sparse.pos_mask is None:
-        _, fn = _load_backend(sparse.backend)
+        _, fn = load_backend(sparse.backend)
         scale = sparse.scales.get("mlp_in") if sparse.scales else None
         return fn(x, wt_gate_up, sparse.thresholds[4:6], act, scale)
     gu = project(x, wt_gate_up, None, sparse, slice(4, 6), (ffn, ffn), "mlp_in")

@@ -488,10 +488,12 @@ def _epilogue(
     ty = y_ptr.dtype.element_ty
     omask = rmask[:, None] & nmask[None, :]
     if PAIR:
-        # Round gate and up to the output dtype first, as the unfused reference does.
+        # Round gate, up and act(gate) to the output dtype before the product, as the
+        # unfused reference does: a one-ulp difference here flips channels that sit at
+        # the down projection's threshold, and flips compound over layers.
         g = _round(acc, ty, INTERPRET)
         u = _round(acc2, ty, INTERPRET)
-        h = _round(_act(g, ACT) * u, ty, INTERPRET)
+        h = _round(_round(_act(g, ACT), ty, INTERPRET) * u, ty, INTERPRET)
         tl.store(y_ptr + rb[:, None] * stride_yb + offs_n[None, :], h.to(ty), mask=omask)
     else:
         h = _round(acc, ty, INTERPRET)

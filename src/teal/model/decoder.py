@@ -238,10 +238,12 @@ class Transformer(nn.Module):
     def set_backend(self, backend: str) -> None:
         """Which implementation runs sparse decode steps: ``torch`` (reference),
         ``cpu`` (gather kernel) or ``triton`` (GPU)."""
-        from teal.kernels.dispatch import BACKENDS
+        from teal.kernels.dispatch import BACKENDS, load_backend
 
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+        if backend != "torch":
+            load_backend(backend)  # import now: a compiled step cannot run the import
         self.sparse_backend = backend
 
     # ----- cache ----------------------------------------------------------------
