@@ -1,0 +1,797 @@
+"""Sparse projections on the CPU: read only the kept rows of ``W^T``.
+
+Two implementations, one contract (``reference.sparse_linear_fused`` and
+``reference.sparse_gate_up_act``):
+
+* ``native``: a small C++ kernel (below, compiled on first use with the system's C++
+  compiler into the user's cache, loaded with ctypes; no torch headers, so it builds in
+  about a second).  One call per projection does everything: it scores the input,
+  lists the kept channels of each output segment, and accumulates the kept rows in
+  fp32, with the output columns split evenly across the threads torch uses (OpenMP, the
+  same runtime as torch's, so the two never fight over the cores).  Each thread reads a
+  contiguous stretch of every kept row and prefetches rows ahead, which is what a
+  memory-bound GEMV needs.  For ``gate|up`` it applies the activation too and returns
+  ``act(gate) * up``, so the MLP middle costs no extra pass.  fp32, bf16 and fp16
+  weights; accumulation always in fp32.
+* ``embedding_bag``: pure torch, used where no C++ compiler is found (or when asked for
+  with ``TEAL_CPU_KERNEL=embedding_bag``).  ``embedding_bag`` with per-sample weights is
+  a gather-and-accumulate over rows; it parallelises over bags only, so ``W^T`` is
+  viewed as ``[K * S, N / S]`` (S column chunks per row) and each chunk is a bag,
+  which also gives every segment its own kept list in the same single call.
+
+Why a compiled kernel at all: a decode step of the default model is ~30 layers x 4
+projections, each a few hundred microseconds of memory traffic, and each extra torch op
+costs a few microseconds of dispatch.  The pure-torch path needs about ten ops per
+projection to build its index lists; the native path needs one call, which is what lets
+sparsity show up in tokens per second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from teal.kernels import reference
+from teal.kernels.dispatch import register_backend
+
+IMPLEMENTATIONS = ("native", "embedding_bag")
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ACT_CODE = {"silu": 0, "relu": 1, "relu2": 2, "gelu": 3}
+
+_SOURCE = r"""
+// teal CPU sparse GEMV.  y[b, n] = sum over kept i of x[b, i] * W^T[i, n], where channel i
+// is kept for output segment p when |x[b, i]| * scale[i] > thr[p].
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+struct f16 { uint16_t bits; };  // IEEE half, converted in software (portable)
+struct b16 { uint16_t bits; };  // bfloat16
+
+inline float load(const float* p) { return *p; }
+inline float load(const b16* p) {
+  uint32_t u = uint32_t(p->bits) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+inline float load(const f16* p) {
+  const uint32_t h = p->bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu, u;
+  if (exp == 0x1fu) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal half: renormalise
+    int e = -1;
+    do { ++e; man <<= 1; } while (!(man & 0x400u));
+    u = sign | (uint32_t(112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f; std::memcpy(&f, &u, 4); return f;
+}
+
+inline void store(float v, float* o) { *o = v; }
+inline void store(float v, b16* o) {  // round to nearest even, as torch does
+  uint32_t u; std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) { o->bits = uint16_t((u >> 16) | 0x40u); return; }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  o->bits = uint16_t(u >> 16);
+}
+inline void store(float v, f16* o) {  // round to nearest even
+  uint32_t u; std::memcpy(&u, &v, 4);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  uint16_t h;
+  if (a > 0x7f800000u) {
+    h = uint16_t(sign | 0x7e00u);
+  } else if (a >= 0x477ff000u) {  // rounds to >= 65520: infinity
+    h = uint16_t(sign | 0x7c00u);
+  } else if (a < 0x38800000u) {  // below the smallest normal half: subnormal or zero
+    float fa; std::memcpy(&fa, &a, 4);
+    h = uint16_t(sign | uint32_t(std::nearbyint(fa * 16777216.0f)));
+  } else {
+    uint32_t r = a - 0x38000000u;  // rebias exponent 127 -> 15
+    r += 0xfffu + ((r >> 13) & 1u);
+    h = uint16_t(sign | (r >> 13));
+  }
+  o->bits = h;
+}
+
+// exp for the activations, branch-free so the compiler vectorises the loop: range
+// reduction by powers of two and a degree-6 polynomial on [-ln2/2, ln2/2] (about 1 ulp).
+inline float vexp(float x) {
+  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  const float k = std::floor(x * 1.44269504f + 0.5f);
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = uint32_t(int32_t(k) + 127) << 23;
+  float scale; std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+inline float act(float g, int kind) {
+  switch (kind) {
+    case 0: return g / (1.0f + vexp(-g));                       // silu
+    case 1: return g > 0.0f ? g : 0.0f;                          // relu
+    case 2: { const float r = g > 0.0f ? g : 0.0f; return r * r; }  // relu^2
+    default: {                                                    // gelu, tanh form
+      const float y = 0.7978845608f * (g + 0.044715f * g * g * g);
+      const float t = 1.0f - 2.0f / (vexp(2.0f * y) + 1.0f);
+      return 0.5f * g * (1.0f + t);
+    }
+  }
+}
+
+constexpr int64_t ALIGN = 16;   // column split points fall on 64-byte lines for fp32
+constexpr int64_t PREFETCH_LINES = 8;
+constexpr int AHEAD = 16;       // rows prefetched ahead of the one being added
+
+// Four rows at a time: acc[j] += v0*r0[j] + v1*r1[j] + v2*r2[j] + v3*r3[j].  Explicit AVX2
+// for fp32 and bf16 (bf16 -> fp32 is a 16-bit shift); a plain loop elsewhere.
+inline void axpy4(float* acc, int64_t width, const float* v, const float* r0, const float* r1,
+                  const float* r2, const float* r3) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 a0 = _mm256_set1_ps(v[0]), a1 = _mm256_set1_ps(v[1]);
+  const __m256 a2 = _mm256_set1_ps(v[2]), a3 = _mm256_set1_ps(v[3]);
+  for (; j + 8 <= width; j += 8) {
+    __m256 s = _mm256_loadu_ps(acc + j);
+    s = _mm256_fmadd_ps(a0, _mm256_loadu_ps(r0 + j), s);
+    s = _mm256_fmadd_ps(a1, _mm256_loadu_ps(r1 + j), s);
+    s = _mm256_fmadd_ps(a2, _mm256_loadu_ps(r2 + j), s);
+    s = _mm256_fmadd_ps(a3, _mm256_loadu_ps(r3 + j), s);
+    _mm256_storeu_ps(acc + j, s);
+  }
+#endif
+  for (; j < width; ++j) acc[j] += v[0] * r0[j] + v[1] * r1[j] + v[2] * r2[j] + v[3] * r3[j];
+}
+
+#ifdef __AVX2__
+inline __m256 load8(const b16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+inline void axpy4(float* acc, int64_t width, const float* v, const b16* r0, const b16* r1,
+                  const b16* r2, const b16* r3) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 a0 = _mm256_set1_ps(v[0]), a1 = _mm256_set1_ps(v[1]);
+  const __m256 a2 = _mm256_set1_ps(v[2]), a3 = _mm256_set1_ps(v[3]);
+  for (; j + 8 <= width; j += 8) {
+    __m256 s = _mm256_loadu_ps(acc + j);
+    s = _mm256_fmadd_ps(a0, load8(r0 + j), s);
+    s = _mm256_fmadd_ps(a1, load8(r1 + j), s);
+    s = _mm256_fmadd_ps(a2, load8(r2 + j), s);
+    s = _mm256_fmadd_ps(a3, load8(r3 + j), s);
+    _mm256_storeu_ps(acc + j, s);
+  }
+#endif
+  for (; j < width; ++j)
+    acc[j] += v[0] * load(r0 + j) + v[1] * load(r1 + j) + v[2] * load(r2 + j) +
+              v[3] * load(r3 + j);
+}
+
+inline void axpy4(float* acc, int64_t width, const float* v, const f16* r0, const f16* r1,
+                  const f16* r2, const f16* r3) {
+  for (int64_t j = 0; j < width; ++j)
+    acc[j] += v[0] * load(r0 + j) + v[1] * load(r1 + j) + v[2] * load(r2 + j) +
+              v[3] * load(r3 + j);
+}
+
+// acc[0:width] = sum_r val[r] * w[idx[r], c0:c0+width]   (row stride n_cols)
+template <typename T>
+void gather_rows(const T* w, int64_t n_cols, int64_t c0, int64_t width, const int32_t* idx,
+                 const float* val, int64_t n, float* acc) {
+  for (int64_t j = 0; j < width; ++j) acc[j] = 0.0f;
+  const int64_t line = 64 / int64_t(sizeof(T));
+  // The rows are scattered, so the hardware prefetcher cannot guess the next one; once
+  // a row is started it streams it.  So only the head of rows AHEAD is prefetched.
+  const int64_t head = std::min(width, PREFETCH_LINES * line);
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) {
+    if (r + AHEAD + 4 <= n) {
+      for (int q = 0; q < 4; ++q) {
+        const T* pre = w + int64_t(idx[r + AHEAD + q]) * n_cols + c0;
+        for (int64_t j = 0; j < head; j += line) __builtin_prefetch(pre + j, 0, 3);
+      }
+    }
+    axpy4(acc, width, val + r, w + int64_t(idx[r]) * n_cols + c0,
+          w + int64_t(idx[r + 1]) * n_cols + c0, w + int64_t(idx[r + 2]) * n_cols + c0,
+          w + int64_t(idx[r + 3]) * n_cols + c0);
+  }
+  for (; r < n; ++r) {
+    const T* r0 = w + int64_t(idx[r]) * n_cols + c0;
+    const float v0 = val[r];
+    for (int64_t j = 0; j < width; ++j) acc[j] += v0 * load(r0 + j);
+  }
+}
+
+// v rounded to T's precision (identity for fp32).
+template <typename T>
+inline float rnd(float v) { T t; store(v, &t); return load(&t); }
+
+// Kept channels of one input row for one threshold: indices and values, in order.  The
+// test is the reference's: in x's dtype, so the threshold and (with a scale) the scale and
+// the score |x| * s are rounded to it first; both sides are then exact in fp32.
+template <typename T>
+int64_t compact(const T* x, int64_t xs_k, int64_t K, const float* scale, float thr,
+                int32_t* idx, float* val) {
+  int64_t n = 0;
+  const float t = rnd<T>(thr);
+  for (int64_t i = 0; i < K; ++i) {
+    const float v = load(x + i * xs_k);
+    const float s = scale ? rnd<T>(std::fabs(v) * rnd<T>(scale[i])) : std::fabs(v);
+    if (s > t) { idx[n] = int32_t(i); val[n] = v; ++n; }
+  }
+  return n;
+}
+
+struct Scratch {
+  std::vector<int32_t> idx;
+  std::vector<float> val;
+  std::vector<int64_t> cnt;
+  void fit(int64_t lists, int64_t K) {
+    if (int64_t(idx.size()) < lists * K) { idx.resize(lists * K); val.resize(lists * K); }
+    if (int64_t(cnt.size()) < lists) cnt.resize(lists);
+  }
+};
+Scratch& scratch() { static thread_local Scratch s; return s; }
+
+// Column range [lo, hi) of thread t out of nt over `cols` columns, on ALIGN boundaries.
+inline void split(int64_t cols, int t, int nt, int64_t* lo, int64_t* hi) {
+  const int64_t units = (cols + ALIGN - 1) / ALIGN;
+  *lo = std::min(cols, (units * t / nt) * ALIGN);
+  *hi = std::min(cols, (units * (t + 1) / nt) * ALIGN);
+}
+
+struct Partials {
+  std::vector<float> buf;
+  float* fit(int64_t n) {
+    if (int64_t(buf.size()) < n) buf.resize(size_t(n));
+    return buf.data();
+  }
+};
+Partials& partials() { static thread_local Partials p; return p; }
+
+// Each thread takes an equal share of every kept list and streams whole kept rows (long
+// contiguous reads are what the memory system serves fastest), accumulating the full
+// output width in its own partial sums; after a barrier the threads add the partials up,
+// each over its share of the columns.
+template <typename T, typename Finish>
+void run_lists(const T* w, int64_t N, int P, const int64_t* bounds, int64_t B, int64_t K,
+               const int32_t* idx, const float* val, const int64_t* cnt, int threads,
+               Finish finish) {
+  float* part = partials().fit(int64_t(threads) * B * N);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    float* mine = part + int64_t(t) * B * N;
+    for (int64_t b = 0; b < B; ++b)
+      for (int p = 0; p < P; ++p) {
+        const int64_t l = b * P + p, n = cnt[l];
+        const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+        gather_rows(w, N, bounds[p], bounds[p + 1] - bounds[p], idx + l * K + lo,
+                    val + l * K + lo, hi - lo, mine + b * N + bounds[p]);
+      }
+#pragma omp barrier
+    int64_t c0, c1;
+    split(finish.cols, t, nt, &c0, &c1);
+    for (int64_t b = 0; b < B; ++b) finish(part, nt, b, c0, c1);
+  }
+}
+
+template <typename T>
+struct SumOut {
+  int64_t cols, N, B;
+  T* out;
+  void operator()(const float* part, int nt, int64_t b, int64_t c0, int64_t c1) const {
+    for (int64_t j = c0; j < c1; ++j) {
+      float s = 0.0f;
+      for (int q = 0; q < nt; ++q) s += part[(int64_t(q) * B + b) * N + j];
+      store(s, out + b * N + j);
+    }
+  }
+};
+
+template <typename T>
+struct ActOut {
+  int64_t cols, N, B;
+  int kind;
+  T* out;
+  void operator()(const float* part, int nt, int64_t b, int64_t c0, int64_t c1) const {
+    const int64_t F = cols;
+    for (int64_t j = c0; j < c1; ++j) {
+      float g = 0.0f, u = 0.0f;
+      for (int q = 0; q < nt; ++q) {
+        g += part[(int64_t(q) * B + b) * N + j];
+        u += part[(int64_t(q) * B + b) * N + F + j];
+      }
+      store(act(g, kind) * u, out + b * F + j);
+    }
+  }
+};
+
+template <typename T>
+void project(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale, const T* w,
+             int64_t K, int64_t N, int P, const int64_t* bounds, const float* thr, T* out,
+             int threads) {
+  Scratch& s = scratch();
+  s.fit(B * P, K);
+  for (int64_t b = 0; b < B; ++b)
+    for (int p = 0; p < P; ++p) {
+      const int64_t l = b * P + p;
+      s.cnt[l] = compact(x + b * xs_b, xs_k, K, scale, thr[p], s.idx.data() + l * K,
+                         s.val.data() + l * K);
+    }
+  run_lists(w, N, P, bounds, B, K, s.idx.data(), s.val.data(), s.cnt.data(), threads,
+            SumOut<T>{N, N, B, out});
+}
+
+template <typename T>
+void gate_up(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale, const T* w,
+             int64_t K, int64_t F, const float* thr, int kind, T* out, int threads) {
+  Scratch& s = scratch();
+  s.fit(B * 2, K);
+  for (int64_t b = 0; b < B; ++b)
+    for (int p = 0; p < 2; ++p) {
+      const int64_t l = b * 2 + p;
+      s.cnt[l] = compact(x + b * xs_b, xs_k, K, scale, thr[p], s.idx.data() + l * K,
+                         s.val.data() + l * K);
+    }
+  const int64_t bounds[3] = {0, F, 2 * F};
+  run_lists(w, 2 * F, 2, bounds, B, K, s.idx.data(), s.val.data(), s.cnt.data(), threads,
+            ActOut<T>{F, 2 * F, B, kind, out});
+}
+
+// y[b, v] = sum_k w[v, k] x[b, k] for a row-major w [V, K] (torch.nn.functional.linear's
+// layout, e.g. a tied lm_head): each thread streams a contiguous block of rows.
+inline float dot(const float* w, const float* x, int64_t K) {
+  int64_t k = 0;
+  float s = 0.0f;
+#ifdef __AVX2__
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_add_ps(a0, a1));
+  for (int i = 0; i < 8; ++i) s += t[i];
+#endif
+  for (; k < K; ++k) s += w[k] * x[k];
+  return s;
+}
+inline float dot(const b16* w, const float* x, int64_t K) {
+  int64_t k = 0;
+  float s = 0.0f;
+#ifdef __AVX2__
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_add_ps(a0, a1));
+  for (int i = 0; i < 8; ++i) s += t[i];
+#endif
+  for (; k < K; ++k) s += load(w + k) * x[k];
+  return s;
+}
+inline float dot(const f16* w, const float* x, int64_t K) {
+  float s = 0.0f;
+  for (int64_t k = 0; k < K; ++k) s += load(w + k) * x[k];
+  return s;
+}
+
+template <typename T>
+void linear_rows(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const T* w, int64_t V,
+                 int64_t K, T* out, int threads) {
+  std::vector<float> xf(size_t(B * K));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; ++k) xf[b * K + k] = load(x + b * xs_b + k * xs_k);
+  const float* X = xf.data();
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = V * t / nt, hi = V * (t + 1) / nt;
+    for (int64_t v = lo; v < hi; ++v)
+      for (int64_t b = 0; b < B; ++b) store(dot(w + v * K, X + b * K, K), out + b * V + v);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int teal_abi_version() { return 1; }
+
+int teal_project(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale,
+                 const void* w, int64_t K, int64_t N, int dtype, int P, const int64_t* bounds,
+                 const float* thr, void* out, int threads) {
+  switch (dtype) {
+    case 0: project((const float*)x, B, xs_b, xs_k, scale, (const float*)w, K, N, P, bounds,
+                    thr, (float*)out, threads); return 0;
+    case 1: project((const b16*)x, B, xs_b, xs_k, scale, (const b16*)w, K, N, P, bounds, thr,
+                    (b16*)out, threads); return 0;
+    case 2: project((const f16*)x, B, xs_b, xs_k, scale, (const f16*)w, K, N, P, bounds, thr,
+                    (f16*)out, threads); return 0;
+    default: return 1;
+  }
+}
+
+int teal_gate_up(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale,
+                 const void* w, int64_t K, int64_t F, int dtype, const float* thr, int kind,
+                 void* out, int threads) {
+  switch (dtype) {
+    case 0: gate_up((const float*)x, B, xs_b, xs_k, scale, (const float*)w, K, F, thr, kind,
+                    (float*)out, threads); return 0;
+    case 1: gate_up((const b16*)x, B, xs_b, xs_k, scale, (const b16*)w, K, F, thr, kind,
+                    (b16*)out, threads); return 0;
+    case 2: gate_up((const f16*)x, B, xs_b, xs_k, scale, (const f16*)w, K, F, thr, kind,
+                    (f16*)out, threads); return 0;
+    default: return 1;
+  }
+}
+
+int teal_linear_rows(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const void* w,
+                     int64_t V, int64_t K, int dtype, void* out, int threads) {
+  switch (dtype) {
+    case 0: linear_rows((const float*)x, B, xs_b, xs_k, (const float*)w, V, K, (float*)out,
+                        threads); return 0;
+    case 1: linear_rows((const b16*)x, B, xs_b, xs_k, (const b16*)w, V, K, (b16*)out,
+                        threads); return 0;
+    case 2: linear_rows((const f16*)x, B, xs_b, xs_k, (const f16*)w, V, K, (f16*)out,
+                        threads); return 0;
+    default: return 1;
+  }
+}
+
+}  // extern "C"
+"""
+
+
+# ----- building and loading the native kernel ------------------------------------------
+
+
+def _compile_flags() -> list[str]:
+    flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
+    # Vector width from what torch itself found on this CPU, not -march=native: the
+    # library may be cached on a shared disk and loaded on another x86 machine.
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX2", "AVX512") and _is_x86():
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def _is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def _cache_dir() -> Path:
+    from teal.data.packages import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cxx: str, target: Path) -> None:
+    """Compile into a temporary file and rename it into place, so two processes that
+    build at once both end with a complete library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "teal_cpu.cpp"
+        src.write_text(_SOURCE)
+        out = Path(tmp) / target.name
+        cmd = [cxx, *_compile_flags(), str(src), "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(out, target)
+
+
+@functools.lru_cache(maxsize=1)
+def _native() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use and cached by source hash; None (with a
+    warning saying why) when it cannot be built, and the torch path is used instead."""
+    if os.environ.get("TEAL_CPU_KERNEL", "native") == "embedding_bag":
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        warnings.warn(
+            "no C++ compiler (g++, c++ or clang++; or set CXX) found: the CPU sparse"
+            " kernels fall back to torch's embedding_bag, which is slower",
+            stacklevel=3,
+        )
+        return None
+    key = hashlib.sha256((_SOURCE + " ".join(_compile_flags()) + cxx).encode()).hexdigest()
+    target = _cache_dir() / f"teal_cpu_{key[:16]}.so"
+    try:
+        if not target.exists():
+            _build(cxx, target)
+        # Load after torch: the library's libgomp then resolves to the OpenMP runtime
+        # torch already holds, so both share one thread pool.
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        warnings.warn(
+            f"building the CPU sparse kernel failed ({exc}); falling back to torch's"
+            " embedding_bag, which is slower",
+            stacklevel=3,
+        )
+        return None
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.teal_project.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, cint, cint, ptr, ptr,
+                                 ptr, cint]  # fmt: skip
+    lib.teal_project.restype = cint
+    lib.teal_gate_up.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, cint, ptr, cint, ptr,
+                                 cint]  # fmt: skip
+    lib.teal_gate_up.restype = cint
+    lib.teal_linear_rows.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, cint, ptr, cint]
+    lib.teal_linear_rows.restype = cint
+    return lib
+
+
+def implementation() -> str:
+    """Which implementation the ``cpu`` backend runs here: ``native`` or
+    ``embedding_bag`` (benchmarks record it)."""
+    return "native" if _native() is not None else "embedding_bag"
+
+
+# ----- argument preparation (shared) ------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(splits: tuple[int, ...]) -> Tensor:
+    b = [0]
+    for s in splits:
+        b.append(b[-1] + s)
+    return torch.tensor(b, dtype=torch.int64)
+
+
+def _rows(x: Tensor, wt: Tensor) -> Tensor:
+    """``x`` as ``[rows, K]`` in the weights' dtype; its strides are passed to the kernel,
+    so a non-contiguous view costs no copy as long as it flattens to two dimensions."""
+    if x.dtype != wt.dtype:
+        x = x.to(wt.dtype)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    if t is None:
+        return None
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
+def _check(x: Tensor, wt: Tensor) -> None:
+    if x.device.type != "cpu" or wt.device.type != "cpu":
+        raise ValueError("the cpu sparse backend needs CPU tensors")
+    if wt.dtype not in _DTYPE_CODE:
+        raise ValueError(f"the cpu sparse backend handles fp32, bf16 and fp16, not {wt.dtype}")
+    if not wt.is_contiguous():
+        raise ValueError("the cpu sparse backend needs contiguous input-major weights [K, N]")
+    if x.shape[-1] != wt.shape[0]:
+        raise ValueError(f"input has {x.shape[-1]} channels but the weights have {wt.shape[0]}")
+
+
+# ----- the native path -----------------------------------------------------------------
+
+
+def _native_project(
+    lib: ctypes.CDLL,
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    splits: tuple[int, ...],
+    scale: Tensor | None,
+) -> Tensor:
+    K, N = wt.shape
+    rows = _rows(x, wt)
+    out = torch.empty(rows.shape[0], N, dtype=wt.dtype)
+    thr = _f32(thresholds)
+    sc = _f32(scale)
+    rc = lib.teal_project(
+        rows.data_ptr(), rows.shape[0], rows.stride(0), rows.stride(1),
+        sc.data_ptr() if sc is not None else None, wt.data_ptr(), K, N, _DTYPE_CODE[wt.dtype],
+        len(splits), _bounds(splits).data_ptr(), thr.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(f"teal_project failed with code {rc}")
+    return out.view(*x.shape[:-1], N)
+
+
+def _native_gate_up(
+    lib: ctypes.CDLL, x: Tensor, wt: Tensor, thresholds: Tensor, act: str, scale: Tensor | None
+) -> Tensor:
+    K, N2 = wt.shape
+    rows = _rows(x, wt)
+    out = torch.empty(rows.shape[0], N2 // 2, dtype=wt.dtype)
+    thr = _f32(thresholds)
+    sc = _f32(scale)
+    rc = lib.teal_gate_up(
+        rows.data_ptr(), rows.shape[0], rows.stride(0), rows.stride(1),
+        sc.data_ptr() if sc is not None else None, wt.data_ptr(), K, N2 // 2,
+        _DTYPE_CODE[wt.dtype], thr.data_ptr(), _ACT_CODE[act], out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(f"teal_gate_up failed with code {rc}")
+    return out.view(*x.shape[:-1], N2 // 2)
+
+
+# ----- the pure-torch path (embedding_bag) ---------------------------------------------
+
+
+def _chunks(splits: tuple[int, ...], threads: int) -> int:
+    """Column chunks per row: a width that divides every segment, small enough that
+    there are at least a few bags per thread (embedding_bag parallelises over bags)."""
+    g = 0
+    for s in splits:
+        g = s if g == 0 else _gcd(g, s)
+    width = g
+    total = sum(splits)
+    while total // width < 2 * threads and width % 2 == 0 and width > 64:
+        width //= 2
+    return total // width
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _bag_project(
+    x: Tensor, wt: Tensor, thresholds: Tensor, splits: tuple[int, ...], scale: Tensor | None
+) -> Tensor:
+    K, N = wt.shape
+    rows = _rows(x, wt)
+    S = _chunks(splits, torch.get_num_threads())
+    width = N // S
+    # Threshold of every chunk: chunk c lies in segment seg[c].
+    seg = torch.repeat_interleave(torch.arange(len(splits)), torch.tensor(splits) // width)
+    # Compared in x's dtype, as the reference does (threshold rounded to it first).
+    thr = thresholds.to(rows.dtype).float()[seg]  # [S]
+    score = rows.abs()
+    if scale is not None:
+        score = score * scale.to(rows.dtype)
+    score = score.float()
+    keep = score[:, None, :] > thr[None, :, None]  # [B, S, K]
+    # nonzero walks (row, chunk, channel) in order, so each (row, chunk) bag is contiguous.
+    b, c, i = keep.nonzero(as_tuple=True)
+    counts = keep.sum(-1).flatten()
+    offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+    y = F.embedding_bag(
+        i * S + c,
+        wt.view(K * S, width),
+        offsets,
+        mode="sum",
+        per_sample_weights=rows[b, i],
+        include_last_offset=True,
+    )
+    return y.view(*x.shape[:-1], N)
+
+
+def _bag_gate_up(
+    x: Tensor, wt: Tensor, thresholds: Tensor, act: str, scale: Tensor | None
+) -> Tensor:
+    ffn = wt.shape[1] // 2
+    gu = _bag_project(x, wt, thresholds, (ffn, ffn), scale).float()
+    return (reference.apply_act(gu[..., :ffn], act) * gu[..., ffn:]).to(wt.dtype)
+
+
+# ----- the backend ---------------------------------------------------------------------
+
+
+def sparse_project(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    splits: tuple[int, ...],
+    scale: Tensor | None = None,
+    *,
+    impl: str | None = None,
+) -> Tensor:
+    """``reference.sparse_linear_fused`` on the CPU: ``x [..., K] @ wt [K, N]`` where
+    segment ``j`` of the output (widths ``splits``) sees only channels with
+    ``|x_i| * scale_i > thresholds[j]``; the dropped rows of ``wt`` are never read."""
+    _check(x, wt)
+    if sum(splits) != wt.shape[1] or len(splits) != thresholds.numel():
+        raise ValueError(f"splits {splits} must sum to {wt.shape[1]} with one threshold each")
+    lib = _native() if impl in (None, "native") else None
+    if impl == "native" and lib is None:
+        raise RuntimeError("the native CPU kernel is not available here (see the warning)")
+    if lib is not None:
+        return _native_project(lib, x, wt, thresholds, splits, scale)
+    return _bag_project(x, wt, thresholds, splits, scale)
+
+
+def sparse_gate_up(
+    x: Tensor,
+    wt_gate_up: Tensor,
+    thresholds: Tensor,
+    act: str = "silu",
+    scale: Tensor | None = None,
+    *,
+    impl: str | None = None,
+) -> Tensor:
+    """``reference.sparse_gate_up_act`` on the CPU: ``act(gate) * up`` ``[..., F]`` from
+    ``wt_gate_up = [gate | up]`` ``[K, 2F]``, gate and up each with its own threshold."""
+    _check(x, wt_gate_up)
+    if act not in _ACT_CODE:
+        raise ValueError(f"unknown activation {act!r}: expected one of {sorted(_ACT_CODE)}")
+    lib = _native() if impl in (None, "native") else None
+    if impl == "native" and lib is None:
+        raise RuntimeError("the native CPU kernel is not available here (see the warning)")
+    if lib is not None:
+        return _native_gate_up(lib, x, wt_gate_up, thresholds, act, scale)
+    return _bag_gate_up(x, wt_gate_up, thresholds, act, scale)
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """Dense ``torch.nn.functional.linear(x, weight)`` (no bias) for a few rows of ``x``
+    and a row-major ``weight`` ``[N, K]``, e.g. a tied ``lm_head``: each thread streams a
+    contiguous block of rows.  torch's BLAS runs this matrix-vector shape on one thread
+    (about 15 GB/s here, against 30+ for this kernel on two), and it is a sixth of the
+    default model's bytes per token.  Falls back to ``F.linear`` without the native
+    kernel or for many rows."""
+    lib = _native()
+    rows = x.reshape(-1, x.shape[-1])
+    if (
+        lib is None
+        or rows.shape[0] > 8
+        or weight.dtype not in _DTYPE_CODE
+        or x.dtype != weight.dtype
+        or not weight.is_contiguous()
+        or weight.device.type != "cpu"
+    ):
+        return F.linear(x, weight)
+    V, K = weight.shape
+    out = torch.empty(rows.shape[0], V, dtype=weight.dtype)
+    rc = lib.teal_linear_rows(
+        rows.data_ptr(), rows.shape[0], rows.stride(0), rows.stride(1), weight.data_ptr(), V, K,
+        _DTYPE_CODE[weight.dtype], out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(f"teal_linear_rows failed with code {rc}")
+    return out.view(*x.shape[:-1], V)
+
+
+register_backend("cpu", sparse_project, sparse_gate_up)
+
+if __name__ == "__main__":  # `python -m teal.kernels.cpu`: build and say which path runs
+    print(implementation(), file=sys.stderr)

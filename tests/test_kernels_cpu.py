@@ -1,0 +1,281 @@
+"""CPU sparse kernels (native and embedding_bag) against the plain-torch reference, and the
+whole model decoding with backend "cpu" against backend "torch".  Speed is measured in
+benchmarks/bench_cpu.py and `teal bench`, never here."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from teal.kernels import cpu
+from teal.kernels import reference as ref
+
+IMPLS = ["native", "embedding_bag"]
+DTYPES = [torch.float32, torch.bfloat16]
+# (K, splits): odd sizes, one input channel, segments that share no divisor but 1.
+SHAPES = [(67, (45,)), (1, (33,)), (301, (130, 7, 7)), (96, (64, 32)), (576, (576, 192, 192))]
+SPARSITY = [0.0, 0.5, 0.9, 1.0]  # 1.0: the threshold drops every input
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _native_builds():
+    """The native kernel must build wherever the tests run (CI has a C++ compiler): a
+    silent fallback would leave it untested."""
+    assert cpu.implementation() == "native", "the native CPU kernel did not build"
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _inputs(b, k, n, dtype, seed=0, scale=False):
+    g = _gen(seed)
+    x = torch.randn(b, k, generator=g).to(dtype)
+    wt = (torch.randn(k, n, generator=g) / k**0.5).to(dtype)
+    s = (torch.rand(k, generator=g) + 0.5).to(dtype) if scale else None
+    return x, wt, s
+
+
+def _threshold(x, p, scale=None):
+    """A threshold dropping about a fraction p of the scores, rounded to a bf16 value so
+    the kernel and the reference compare against the same number in any dtype."""
+    if p <= 0.0:
+        return -1.0
+    if p >= 1.0:
+        return 1e4
+    sc = x.float().abs() if scale is None else (x.abs() * scale.to(x.dtype)).float()
+    return float(torch.quantile(sc.flatten(), p).to(torch.bfloat16).float())
+
+
+def _check(y, r, dtype):
+    assert y.shape == r.shape and y.dtype == r.dtype
+    y, r = y.float(), r.float()
+    assert torch.isfinite(y).all()
+    # fp32 accumulation in another order, then one rounding to the output dtype.
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    mag = max(r.abs().max().item(), 1e-3)
+    torch.testing.assert_close(y, r, rtol=tol, atol=tol * mag)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,splits", SHAPES)
+@pytest.mark.parametrize("p", SPARSITY)
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("use_scale", [False, True])
+def test_project_matches_reference(impl, dtype, k, splits, p, b, use_scale):
+    x, wt, s = _inputs(b, k, sum(splits), dtype, seed=k + b, scale=use_scale)
+    # Each segment its own level (greedy allocation gives q, k, v different thresholds).
+    levels = [p] + [min(p + 0.2 * (j + 1), 1.0) if p > 0 else 0.0 for j in range(len(splits) - 1)]
+    t = torch.tensor([_threshold(x, q, s) for q in levels])
+    y = cpu.sparse_project(x, wt, t, splits, s, impl=impl)
+    _check(y, ref.sparse_linear_fused(x, wt, t, splits, s), dtype)
+    if p >= 1.0:
+        assert (y == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
+@pytest.mark.parametrize("act", ["silu", "relu", "relu2", "gelu"])
+@pytest.mark.parametrize("b", [1, 2])
+def test_gate_up_matches_reference(impl, dtype, act, b):
+    x, wt, _ = _inputs(b, 75, 2 * 37, dtype, seed=5)
+    t = torch.tensor([_threshold(x, 0.4), _threshold(x, 0.7)])
+    y = cpu.sparse_gate_up(x, wt, t, act, impl=impl)
+    tol_dtype = torch.bfloat16 if dtype != torch.float32 else dtype
+    r = ref.sparse_gate_up_act(x, wt, t, act)
+    # The reference rounds gate and up to x's dtype before the activation; the kernels
+    # keep them in fp32, so compare at the looser tolerance below fp32.
+    y, r = y.float(), r.float()
+    tol = 2e-2 if tol_dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(y, r, rtol=tol, atol=tol * max(r.abs().max().item(), 1e-3))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gate_up_all_dropped_and_all_kept(impl):
+    x, wt, _ = _inputs(1, 64, 2 * 48, torch.float32, seed=2)
+    y = cpu.sparse_gate_up(x, wt, torch.tensor([1e4, 1e4]), "silu", impl=impl)
+    assert (y == 0).all()
+    y = cpu.sparse_gate_up(x, wt, torch.tensor([-1.0, -1.0]), "silu", impl=impl)
+    gu = x @ wt
+    _check(y, F.silu(gu[:, :48]) * gu[:, 48:], torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_input_and_leading_dims(impl, dtype):
+    g = _gen(3)
+    big = torch.randn(2, 3, 2 * 81, generator=g).to(dtype)
+    x = big[:, 1:2, ::2]  # [2, 1, 81], stride 2 along the channels
+    assert not x.is_contiguous()
+    wt = (torch.randn(81, 40, generator=g) / 9).to(dtype)
+    t = torch.tensor([_threshold(x, 0.5), _threshold(x, 0.3)])
+    y = cpu.sparse_project(x, wt, t, (24, 16), impl=impl)
+    assert y.shape == (2, 1, 40)
+    _check(y, ref.sparse_linear_fused(x.contiguous(), wt, t, (24, 16)), dtype)
+    xt = torch.randn(81, 2, generator=g).to(dtype).t()  # transposed view
+    y = cpu.sparse_project(xt, wt, t[:1], (40,), impl=impl)
+    _check(y, ref.sparse_linear(xt.contiguous(), wt, t[0]), dtype)
+
+
+def test_batch_rows_keep_their_own_channels():
+    x = torch.zeros(2, 64)
+    x[0, :32] = 3.0  # row 0 keeps the first half only
+    x[1, 32:] = 3.0
+    x[1, :32] = 0.01
+    wt = torch.randn(64, 16, generator=_gen(4))
+    for impl in IMPLS:
+        y = cpu.sparse_project(x, wt, torch.tensor([0.5]), (16,), impl=impl)
+        _check(y[0], x[0, :32] @ wt[:32], torch.float32)
+        _check(y[1], x[1, 32:] @ wt[32:], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_compared_in_activation_dtype(dtype):
+    """As the reference: t is rounded to x's dtype first (0.49995 rounds to 0.5 in bf16),
+    so an input of exactly 0.5 is dropped there."""
+    x, wt, _ = _inputs(1, 40, 24, dtype, seed=12)
+    x[0, ::3] = 0.5
+    t = torch.tensor([0.49995, 0.5001])
+    for impl in IMPLS:
+        y = cpu.sparse_project(x, wt, t, (12, 12), impl=impl)
+        _check(y, ref.sparse_linear_fused(x, wt, t, (12, 12)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_dense_linear_matches_torch(dtype, rows):
+    g = _gen(6)
+    x = torch.randn(rows, 1, 131, generator=g).to(dtype)
+    w = (torch.randn(517, 131, generator=g) / 11).to(dtype)
+    _check(cpu.linear(x, w), F.linear(x.float(), w.float()).to(dtype), dtype)
+
+
+def test_errors_say_what_is_wrong():
+    x, wt, _ = _inputs(1, 32, 16, torch.float32)
+    with pytest.raises(ValueError, match="splits"):
+        cpu.sparse_project(x, wt, torch.tensor([0.1, 0.1]), (8, 7))
+    with pytest.raises(ValueError, match="channels"):
+        cpu.sparse_project(x[:, :31], wt, torch.tensor([0.1]), (16,))
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu.sparse_project(x, wt.t().contiguous().t(), torch.tensor([0.1]), (16,))
+    with pytest.raises(ValueError, match="activation"):
+        cpu.sparse_gate_up(x, wt, torch.tensor([0.1, 0.1]), "swish")
+
+
+def test_threads_do_not_change_results():
+    x, wt, _ = _inputs(2, 301, 130, torch.float32, seed=9)
+    t = torch.tensor([_threshold(x, 0.5)])
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = cpu.sparse_project(x, wt, t, (130,))
+        torch.set_num_threads(max(2, old))
+        b = cpu.sparse_project(x, wt, t, (130,))
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----- the whole model ---------------------------------------------------------------------
+
+
+def _tiny_model(dtype=torch.float32):
+    from teal.model.build import random_model
+    from teal.model.config import PRESETS
+
+    cfg = PRESETS["default"].replace(
+        dim=96,
+        n_layers=3,
+        n_heads=3,
+        n_kv_heads=1,
+        head_dim=32,
+        ffn_dim=160,
+        vocab_size=211,
+        sliding_windows=(None,) * 3,
+    )
+    return random_model(cfg, dtype=dtype, seed=1)
+
+
+def _calibrated(model, p):
+    from teal.sparsity.stats import collect_stats
+
+    ids = torch.randint(0, model.config.vocab_size, (256,), generator=_gen(1))
+    return collect_stats(model, ids, seq_len=64, progress=False).thresholds(p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_decodes_the_same_with_cpu_and_torch_backends(dtype):
+    model = _tiny_model(dtype)
+    model.set_sparsity(_calibrated(model, 0.5), mode="decode")
+    prompt = torch.randint(0, 211, (1, 7), generator=_gen(2))
+    runs = {}
+    for backend in ("torch", "cpu"):
+        model.set_backend(backend)
+        model.setup_cache(1, 32)
+        with torch.inference_mode():
+            logits = model(prompt, torch.arange(7))
+            tok = logits[:, -1].argmax(-1)
+            toks, steps = [int(tok)], []
+            for i in range(12):
+                logits = model(tok.view(1, 1), torch.tensor([7 + i]))
+                steps.append(logits.float())
+                tok = logits[:, -1].argmax(-1)
+                toks.append(int(tok))
+        runs[backend] = (toks, steps)
+    ref_toks, ref_logits = runs["torch"]
+    toks, logits = runs["cpu"]
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    # Logits of the first decode step come from identical inputs: they must agree.
+    mag = ref_logits[0].abs().max().item()
+    torch.testing.assert_close(logits[0], ref_logits[0], rtol=tol, atol=tol * mag)
+    if dtype == torch.float32:
+        assert toks == ref_toks
+        for a, r in zip(logits, ref_logits):
+            torch.testing.assert_close(a, r, rtol=tol, atol=tol * mag)
+    else:  # bf16 rounding may flip a near tie late in the run, not early
+        assert toks[:6] == ref_toks[:6]
+
+
+def test_bench_decode_reports_every_row():
+    from teal.bench import bench_decode, format_table
+
+    model = _tiny_model()
+    result = bench_decode(
+        model, sparsities=[0, 0.5], new_tokens=6, threads=1, repeats=1, progress=False
+    )
+    json.dumps(result)  # JSON-able
+    for key in ("device", "model", "dtype", "quant", "method", "threads", "torch", "date"):
+        assert key in result
+    assert result["threads"] == 1 and result["dtype"] == "fp32" and result["quant"] is None
+    paths = [(r["sparsity"], r["path"]) for r in result["results"]]
+    assert paths == [(0.0, "dense-matmul"), (0.0, "cpu-kernel"), (0.5, "cpu-kernel")]
+    sparse = result["results"][-1]
+    assert sparse["dense_projections"] == [] and sparse["tokens_per_second"] > 0
+    # Thresholds calibrated on the model itself: the measured sparsity is near the target.
+    assert abs(sparse["measured_sparsity"] - 0.5) < 0.15
+    assert "cpu-kernel" in format_table(result)
+
+
+def test_bench_cli_says_the_gpu_engine_is_missing(capsys):
+    from teal.cli import main
+
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "not in this build" in capsys.readouterr().err
+
+
+def test_bench_cli_runs_a_tiny_preset(tmp_path, monkeypatch, capsys):
+    """`teal bench --threads N --json` on a random model (the loader is swapped for a
+    tiny one so the test takes seconds) reports the threads it was given."""
+    from teal.cli import main
+    from teal.commands import bench as bench_cmd
+
+    monkeypatch.setattr(bench_cmd, "load_for_bench", lambda args: (_tiny_model(), "tiny"))
+    out = tmp_path / "r.json"
+    rc = main(["bench", "--preset", "llama-2-7b", "--sparsity", "0,0.4", "--new-tokens", "4",
+               "--repeats", "1", "--threads", "1", "--json", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["threads"] == 1 and obj["model"] == "tiny"
+    assert json.loads(out.read_text())["results"] == obj["results"]
