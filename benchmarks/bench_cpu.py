@@ -1,0 +1,216 @@
+"""CPU decode speed of the default model (issue 8): our dense, our sparse, llama.cpp.
+
+    PYTHONPATH=src python benchmarks/bench_cpu.py --dtype fp32 --threads 2 \\
+        --sparsity 0,0.25,0.4,0.5 --new-tokens 256 --out benchmarks/results/cpu-fp32.json
+
+One process, one thread count, one prompt.  Ours (``teal.bench.bench_decode``): the
+model's plain dense path, the sparse kernel with every channel kept, and the sparse
+kernel at each level, in interleaved rounds, thresholds from the cached calibration on
+the default text, measured sparsity counted on the generated tokens.  llama.cpp
+(``llama-cpp-python``, the optional ``bench`` extra): the shipped Q4_1 GGUF and GGUFs
+written here with the ``gguf`` package from the dequantized tensors (F16, and F32 for
+equal precision with our fp32), the same prompt tokens, greedy (argmax of the logits,
+as ours), prefill excluded.  The share of the CPUs that other processes used while each
+part ran is recorded: on a shared machine the figures are only as good as that number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import teal
+from teal.bench import PROMPT, bench_decode, format_table
+from teal.data.packages import cache_dir
+
+
+@contextmanager
+def other_cpu_use(record: dict, key: str):
+    """Share of the machine's CPU time used by other processes while the block ran."""
+
+    def busy() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + vals[4]
+        return sum(vals) - idle, sum(vals)
+
+    try:
+        b0, t0 = busy()
+    except OSError:
+        yield
+        return
+    s0 = os.times()
+    yield
+    b1, t1 = busy()
+    s1 = os.times()
+    ticks = os.sysconf("SC_CLK_TCK")
+    ours = (s1.user + s1.system - s0.user - s0.system) * ticks
+    record[key] = round(max(0.0, (b1 - b0 - ours) / max(1, t1 - t0)), 3)
+
+
+def write_dequantized_gguf(src: Path, dst: Path, ftype: str) -> Path:
+    """A copy of ``src`` with every tensor dequantized: 2-D weights stored as ``ftype``
+    (F16 or F32), norms as F32; all metadata (tokenizer included) copied."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    tmp = dst.with_suffix(".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name == "general.file_type":
+            writer.add_file_type(1 if ftype == "F16" else 0)  # llama_ftype MOSTLY_F16 / ALL_F32
+            continue
+        vtype = gguf.GGUFValueType(field.types[0])
+        sub = gguf.GGUFValueType(field.types[1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if data.ndim > 1 and ftype == "F16":
+            data = data.astype(np.float16)
+        writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, dst)
+    return dst
+
+
+def llama_cpp_decode(path: Path, prompt: list[int], new_tokens: int, threads: int, repeats: int):
+    """Greedy decode tokens/s of llama.cpp on ``path``: prefill, then ``new_tokens - 1``
+    one-token steps, each choosing the argmax of the logits (as ours)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=len(prompt) + new_tokens + 8,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+    def run() -> tuple[float, list[int]]:
+        llm.reset()
+        llm.eval(prompt)
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out = [tok]
+        t0 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(tok)
+        return (new_tokens - 1) / (time.perf_counter() - t0), out
+
+    run()  # warm-up
+    runs, tokens = [], []
+    for _ in range(repeats):
+        tps, tokens = run()
+        runs.append(round(tps, 2))
+    return {"tokens_per_second": round(statistics.median(runs), 2), "runs": runs,
+            "tokens": tokens}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sparsity", default="0,0.25,0.4,0.5")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--llama-build-seconds", type=float, default=None, help="recorded as given")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    date = datetime.date.today().isoformat()
+    out = Path(args.out or f"benchmarks/results/cpu-{args.dtype}-{date}.json")
+    busy: dict[str, float] = {}
+
+    model = teal.load(None, dtype=args.dtype)
+    prompt = model.tokenizer(PROMPT, add_special_tokens=True)["input_ids"]
+    with other_cpu_use(busy, "ours"):
+        ours = bench_decode(
+            model,
+            sparsities=[float(p) for p in args.sparsity.split(",")],
+            new_tokens=args.new_tokens,
+            threads=args.threads,
+            repeats=args.repeats,
+            prompt=list(prompt),
+            model_name="SmolLM2-135M-Instruct (default model)",
+        )
+    print(format_table(ours), flush=True)
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": date,
+        "device": ours["device"],
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": len(prompt),
+        "ours": ours,
+    }
+    del model
+    if not args.no_llama:
+        import llama_cpp
+
+        from teal.data.default_model import default_model_path
+
+        q4 = default_model_path()
+        files = {"Q4_1": q4}
+        for ftype in ("F16", "F32"):
+            dst = cache_dir() / "bench" / f"{q4.stem.rsplit('.', 1)[0]}.{ftype}.gguf"
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                print(f"writing {dst}", file=sys.stderr, flush=True)
+                write_dequantized_gguf(q4, dst, ftype)
+            files[ftype] = dst
+        rows = []
+        with other_cpu_use(busy, "llama_cpp"):
+            for ftype, path in files.items():
+                r = llama_cpp_decode(path, list(prompt), args.new_tokens, args.threads,
+                                     args.repeats)  # fmt: skip
+                r = {"weights": ftype, "file": path.name, **r}
+                print(f"llama.cpp {ftype}: {r['tokens_per_second']} tok/s", flush=True)
+                rows.append(r)
+        result["llama_cpp"] = {
+            "package": f"llama-cpp-python=={llama_cpp.__version__}",
+            "build": "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON'",
+            "build_seconds": args.llama_build_seconds,
+            "results": rows,
+        }
+        best = {r["path"]: r["tokens_per_second"] for r in ours["results"] if r["sparsity"] == 0}
+        ratios = {}
+        for r in ours["results"]:
+            key = f"{r['path']}@{r['sparsity']:g}"
+            ratios[key] = {
+                f"vs_llama_{x['weights']}": round(
+                    r["tokens_per_second"] / x["tokens_per_second"], 3
+                )
+                for x in rows
+            }
+        result["ratios_to_llama_cpp"] = ratios
+        result["dense_rows"] = best
+    result["other_processes_cpu_share"] = busy
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
