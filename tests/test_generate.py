@@ -90,7 +90,7 @@ def test_hf_folder_loads_and_generates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     obj = json.loads(out)  # stdout holds exactly one JSON object
-    assert set(obj) == {"text", "prompt_tokens", "new_tokens", "tokens_per_second"}
+    assert {"text", "prompt_tokens", "new_tokens", "tokens_per_second"} <= set(obj)
     assert 1 <= obj["new_tokens"] <= 5 and obj["prompt_tokens"] >= 1
 
 
@@ -128,7 +128,7 @@ def test_too_many_new_tokens_are_shortened_with_a_warning(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "/nonexistent/model/path"], "does not exist"),
+        (["--model", "/nonexistent/model/path"], "no such file"),
         (["--dtype", "int3"], "dtype"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
     ],
