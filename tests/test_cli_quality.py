@@ -54,6 +54,8 @@ def test_eval_json_is_one_object_and_the_calibration_is_cached(env, capsys):
         "200",
         "--tokens",
         "800",
+        "--method",
+        "uniform",
         "--json",
     ]
     code, out, err = run_cli(capsys, *args)
@@ -260,3 +262,43 @@ def test_default_model_end_to_end(default_model_path, tmp_path, monkeypatch, cap
     assert 5 < dense["perplexity"] < 40
     assert dense["perplexity"] < sparse["perplexity"] < 4 * dense["perplexity"]
     assert abs(sparse["measured_sparsity"] - 0.5) < 0.05
+
+
+def test_eval_compares_methods_and_scores_tasks(env, capsys):
+    """A comma list of methods: dense once, every method's rows, CATS's unreachable
+    levels listed; the method tables are made once and cached; JSONL tasks score."""
+    tmp, text = env
+    base = ["eval", "--text", str(text), "--window", "200", "--tokens", "800", "--json"]
+    args = [*base, "--sparsity", "0,0.3,0.6", "--max-tokens", "600", "--protocol", "full"]
+    code, out, err = run_cli(capsys, *args, "--method", "uniform,greedy-layers,cats")
+    assert code == 0, err
+    obj = json.loads(out)
+    got = {(r["method"], r["sparsity"]) for r in obj["results"]}
+    assert got == {(m, p) for m in ("uniform", "greedy-layers", "cats") for p in (0, 0.3, 0.6)} - {
+        ("cats", 0.6)
+    }
+    assert obj["unreachable"][0]["method"] == "cats"
+    assert "making the method tables" in err
+    code, out, err = run_cli(capsys, *args, "--method", "greedy")
+    assert code == 0 and "making the method tables" not in err
+    qa = tmp / "qa.jsonl"
+    qa.write_text(
+        "\n".join(
+            json.dumps({"question": f"What is {i} plus {i}?", "choices": ["2", "4"], "answer": 1})
+            for i in range(5)
+        )
+    )
+    code, out, err = run_cli(
+        capsys, *base, "--sparsity", "0,0.4", "--tasks", str(qa), "--limit", "3",
+        "--method", "uniform,weight-informed",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert len(rows) == 4
+    for r in rows:
+        assert set(r) == {
+            "method", "task", "sparsity", "measured_sparsity", "accuracy", "accuracy_norm",
+            "examples",
+        }  # fmt: skip
+        assert r["examples"] == 3 and 0 <= r["accuracy"] <= 1
+    assert rows[1]["measured_sparsity"] == pytest.approx(0.4, abs=0.1)

@@ -20,8 +20,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _rows(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     by: dict[str, list[dict[str, Any]]] = {}
+    # One line (and table column group) per protocol, or per method and protocol when
+    # several methods are compared.
+    several = len({r.get("method") for r in results["results"]}) > 1
     for r in results["results"]:
-        by.setdefault(r["protocol"], []).append(r)
+        key = f"{r['method']} {r['protocol']}" if several else r["protocol"]
+        by.setdefault(key, []).append(r)
     for rows in by.values():
         rows.sort(key=lambda r: r["sparsity"])
     return by

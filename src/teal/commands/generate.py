@@ -35,7 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="calibration file for --sparsity (default: the cached one for this"
         " model on the default text, made first if there is none)",
     )
-    p.add_argument("--method", default="uniform", help="sparsity method (default uniform)")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="sparsity method: uniform, greedy, greedy-layers, weight-informed or cats"
+        " (default: the best measured, greedy-layers)",
+    )
     p.set_defaults(func=main)
 
 
@@ -43,23 +48,28 @@ def _apply_sparsity(model: Transformer, args: argparse.Namespace) -> None:
     """Sparse decode steps (the prefill stays dense) at ``--sparsity``."""
     from teal.commands.eval import get_calibration
     from teal.eval.corpus import load_corpus
-    from teal.sparsity.methods import thresholds_for
+    from teal.sparsity.methods import setting_for
 
     part = None if args.calibration else load_corpus(None).part("calibration")
-    cal = get_calibration(model, args.calibration, part, None)
-    model.set_sparsity(thresholds_for(cal, args.method, args.sparsity), mode="decode")
+    cal = get_calibration(model, args.calibration, part, None, [args.method])
+    setting = setting_for(cal, args.method, args.sparsity, model)
+    if not setting.reachable:
+        raise TealError(
+            f"method {args.method} reaches at most {setting.max_sparsity:.0%} on this model,"
+            f" not {args.sparsity:.0%}: lower --sparsity or pick another --method"
+        )
+    setting.apply(model, mode="decode")
 
 
 def main(args: argparse.Namespace) -> int:
     import teal
-    from teal.sparsity.methods import METHODS
+    from teal.sparsity.methods import DEFAULT_METHOD, check_method
 
     try:
         args.sparsity = check_sparsity(float(args.sparsity))
     except ValueError:
         raise TealError(f"--sparsity must be a number in [0, 1), got {args.sparsity!r}") from None
-    if args.method not in METHODS:
-        raise TealError(f"unknown --method {args.method!r}: available are {', '.join(METHODS)}")
+    args.method = check_method(args.method or DEFAULT_METHOD)
     model = teal.load(args.model, dtype=args.dtype, device=args.device)
     if args.sparsity > 0:
         _apply_sparsity(model, args)
@@ -86,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
                 "prompt_tokens": result.prompt_tokens,
                 "new_tokens": result.new_tokens,
                 "sparsity": args.sparsity,
+                "method": args.method if args.sparsity > 0 else "dense",
                 "tokens_per_second": round(result.tokens_per_second, 2),
             }
         )

@@ -22,7 +22,6 @@ from teal.commands.eval import (
     log,
     protocols_of,
     results_json,
-    thresholds_table,
 )
 
 RUN_SPARSITIES = "0,0.25,0.4,0.5,0.65"
@@ -72,12 +71,13 @@ def _machine(model: Any) -> str:
 
 def main(args: argparse.Namespace) -> int:
     import teal
+    from teal.commands.eval import evaluate_methods
     from teal.eval.corpus import bos_token, load_corpus
-    from teal.eval.perplexity import evaluate, resolve_window
+    from teal.eval.perplexity import resolve_window
     from teal.report import write_report
     from teal.sparsity.artifact import Calibration
     from teal.sparsity.calibrate import DEFAULT_TOKENS, calibrate_text, default_path
-    from teal.sparsity.methods import thresholds_for
+    from teal.sparsity.tables import add_tables_from_text, has_tables, kinds_for
 
     sparsities = check_eval_args(args)
     args.sample_tokens = positive_int(args.sample_tokens, "--sample-tokens")
@@ -102,6 +102,10 @@ def main(args: argparse.Namespace) -> int:
         tokens = args.tokens or DEFAULT_TOKENS
         log(f"teal run [2/4]: calibrating on {tokens} tokens of {parts['calibration'].label}")
         cal = calibrate_text(model, parts["calibration"], tokens=tokens)
+    kinds = kinds_for(args.methods)
+    if kinds and not has_tables(cal, kinds):  # the methods' tables, in the same file
+        add_tables_from_text(model, cal, parts["calibration"], kinds=kinds)
+    if not args.calibration:
         cal.save(out / "calibration.safetensors")
         cal.save(default_path(model, parts["calibration"]))  # teal eval/generate reuse it
     timings["calibration"] = time.perf_counter() - t
@@ -113,24 +117,25 @@ def main(args: argparse.Namespace) -> int:
     )
     t = time.perf_counter()
     stream = parts["evaluation"].tokens(model.tokenizer, args.max_tokens)
-    results = evaluate(
+    results, unreachable = evaluate_methods(
         model,
+        cal,
         stream,
-        thresholds_table(cal, args.method, sparsities),
+        args.methods,
+        sparsities,
         protocols,
         window=window,
         stride=args.stride,
         batch_size=args.batch_size,
         bos=bos_token(model.tokenizer),
-        method=args.method,
     )
     timings["evaluation"] = time.perf_counter() - t
-    obj = results_json(model, parts["evaluation"].label, results)
+    obj = results_json(model, parts["evaluation"].label, results, unreachable)
 
     levels = [0.0] + [p for p in sample_levels if p > 0]
     log(f"teal run [4/4]: {len(PROMPTS)} prompts at {', '.join(f'{p:.0%}' for p in levels)}")
     t = time.perf_counter()
-    samples = _samples(model, cal, args.method, levels, args.sample_tokens, thresholds_for)
+    samples = _samples(model, cal, args.methods[0], levels, args.sample_tokens)
     timings["generation"] = time.perf_counter() - t
 
     run = {
@@ -140,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
         "fingerprint": model.fingerprint,
         "dtype": str(model.dtype).replace("torch.", ""),
         "machine": _machine(model),
-        "method": args.method,
+        "method": ",".join(args.methods),
         "calibration_text": parts["calibration"].label,
         "calibration_tokens": cal.tokens,
         "window": window,
@@ -163,9 +168,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _samples(
-    model: Any, cal: Any, method: str, levels: list[float], n_new: int, thresholds_for: Any
+    model: Any, cal: Any, method: str, levels: list[float], n_new: int
 ) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
+
+    from teal.sparsity.methods import setting_for
 
     chat = bool(getattr(model.tokenizer, "chat_template", None))
     out = []
@@ -177,7 +184,10 @@ def _samples(
                 if p == 0:
                     model.clear_sparsity()
                 else:
-                    model.set_sparsity(thresholds_for(cal, method, p), mode="decode")
+                    setting = setting_for(cal, method, p, model)
+                    if not setting.reachable:
+                        continue
+                    setting.apply(model, mode="decode")
                 for prompt in PROMPTS:
                     res = model.generate(prompt, max_new_tokens=n_new, chat=chat)
                     out.append(

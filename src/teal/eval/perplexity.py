@@ -91,6 +91,9 @@ class SparsityMeter:
         flat = x.detach().reshape(-1, x.shape[-1])
         rows = self._positions(pos_mask, flat.shape[0], flat.device)
         a = (flat if rows is None else flat.index_select(0, rows)).abs()
+        if self.scales and "mlp_cats" in self.scales[layer] and site in ("mlp_in", "mlp_mid"):
+            self._count_cats(layer, site, a)
+            return
         scale = self.scales[layer].get(site) if self.scales else None
         if scale is not None:
             a = a * scale.to(a.dtype)
@@ -100,6 +103,17 @@ class SparsityMeter:
             if t not in done:
                 done[t] = float((a <= t).sum())
             self.zeroed[layer, j] += done[t]
+            self.seen[layer, j] += a.numel()
+
+    def _count_cats(self, layer: int, site: str, a: Tensor) -> None:
+        """CATS reads gate dense; its one mask on act(gate) arrives at mlp-mid as exact
+        zeros, which both the up rows and the down columns skip."""
+        if site == "mlp_in":
+            self.seen[layer, 4] += a.numel()
+            return
+        zeros = float((a == 0).sum())
+        for j in (5, 6):
+            self.zeroed[layer, j] += zeros
             self.seen[layer, j] += a.numel()
 
     def per_projection(self) -> Tensor:

@@ -96,9 +96,25 @@ def project(
 def project_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall | None, act: str) -> Tensor:
     """``act(gate) * up``, the input of the down projection (site mlp-mid)."""
     ffn = wt_gate_up.shape[1] // 2
+    if sparse is not None and sparse.scales and "mlp_cats" in sparse.scales:
+        return _cats_gate_up(x, wt_gate_up, sparse, act)
     if sparse is not None and sparse.backend != "torch" and sparse.pos_mask is None:
         _, fn = load_backend(sparse.backend)
         scale = sparse.scales.get("mlp_in") if sparse.scales else None
         return fn(x, wt_gate_up, sparse.thresholds[4:6], act, scale)
     gu = project(x, wt_gate_up, None, sparse, slice(4, 6), (ffn, ffn), "mlp_in")
     return reference.apply_act(gu[..., :ffn], act) * gu[..., ffn:]
+
+
+def _cats_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall, act: str) -> Tensor:
+    """CATS (the baseline): gate is read dense, ``act(gate)`` is thresholded by
+    ``thresholds[4]`` and the one mask skips the matching up rows (here computed and
+    discarded: plain torch) and, through the zeros it leaves, the down columns.  Runs
+    on the reference path on every backend."""
+    ffn = wt_gate_up.shape[1] // 2
+    a = reference.apply_act(x @ wt_gate_up[:, :ffn], act)
+    keep = a.abs() > sparse.thresholds[4]
+    if sparse.pos_mask is not None:
+        keep = keep | ~sparse.pos_mask[..., None]
+    mid = a * (x @ wt_gate_up[:, ffn:])
+    return torch.where(keep, mid, torch.zeros((), dtype=mid.dtype, device=mid.device))

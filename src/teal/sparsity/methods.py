@@ -1,33 +1,143 @@
 """Sparsity methods: how a requested model sparsity becomes one threshold per (layer,
-projection).  Each method reads a ``Calibration``; adding one means adding a function
-here (greedy allocation will read its tables from the same artifact)."""
+projection), plus per-channel score scales where the method ranks channels by more
+than ``|x|``.  Every method reads a ``Calibration``; all but ``uniform`` also read the
+method tables stored in it (``teal.sparsity.tables``).
+
+* ``uniform``: every projection of every layer at the requested level (TEAL's
+  baseline).
+* ``greedy``: each layer at block sparsity ``p``, its seven projections at the levels
+  the greedy block-wise search found (``allocate.greedy_layer``).
+* ``greedy-layers``: greedy within layers, and layers at different block sparsities
+  (mean ``p``) chosen by least sensitivity-weighted error (``allocate.layer_rows``).
+* ``weight-informed``: every projection at level ``p`` of the score ``|x_i| * ||W[:, i]||``.
+* ``cats``: only ``act(gate)`` thresholded, skipping up rows and down columns; reaches
+  at most the up+down share of the weights.
+
+The requested sparsity is always weight-weighted: the share of projection weights
+whose input is dropped.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from teal.errors import TealError
+from teal.sparsity import allocate
 from teal.sparsity.artifact import Calibration
 from teal.sparsity.stats import check_sparsity
 
-
-def uniform(calibration: Calibration, sparsity: float) -> Tensor:
-    """Every projection of every layer at the same level: its site's quantile."""
-    return calibration.stats.thresholds(sparsity)
-
-
-METHODS: dict[str, Callable[[Calibration, float], Tensor]] = {"uniform": uniform}
+METHODS = ("uniform", "greedy", "greedy-layers", "weight-informed", "cats")
+# The method the commands use unless told otherwise: the best measured on the default
+# model (README, "Methods compared").
+DEFAULT_METHOD = "greedy-layers"
+NEEDS_TABLES = frozenset(METHODS) - {"uniform"}
 
 
-def thresholds_for(calibration: Calibration, method: str, sparsity: float) -> Tensor:
-    """Thresholds ``[n_layers, 7]`` for ``model.set_sparsity``."""
-    check_sparsity(sparsity)
-    try:
-        fn = METHODS[method]
-    except KeyError:
+@dataclass
+class Setting:
+    """What ``model.set_sparsity`` needs for one method at one level."""
+
+    method: str
+    sparsity: float
+    thresholds: Tensor  # [n_layers, 7]
+    scales: list[dict[str, Tensor]] | None = None
+    reachable: bool = True
+    max_sparsity: float = 1.0  # the most this method can reach on this model
+
+    def apply(self, model, mode: str = "decode") -> None:
+        scales = None
+        if self.scales is not None:
+            scales = [{k: v.to(model.device) for k, v in d.items()} for d in self.scales]
+        model.set_sparsity(self.thresholds, mode=mode, scales=scales)
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise TealError(f"unknown sparsity method {method!r}: available are {', '.join(METHODS)}")
+    return method
+
+
+def parse_methods(text: str) -> list[str]:
+    """A comma list of methods (``--method uniform,greedy``), checked."""
+    out = [m.strip() for m in text.split(",") if m.strip()]
+    for m in out:
+        if m not in METHODS:
+            raise TealError(f"unknown --method {m!r}: available are {', '.join(METHODS)}")
+    if not out:
+        raise TealError(f"--method needs at least one of {', '.join(METHODS)}")
+    return list(dict.fromkeys(out))
+
+
+def _need_tables(cal: Calibration, method: str) -> None:
+    from teal.sparsity.tables import has_tables, kinds_for
+
+    if not has_tables(cal, kinds_for([method])):
         raise TealError(
-            f"unknown sparsity method {method!r}: available are {', '.join(METHODS)}"
-        ) from None
-    return fn(calibration, sparsity)
+            f"method {method!r} needs the method tables in the calibration file, which this"
+            " one lacks: recalibrate with `teal calibrate` (or let `teal eval` make them)"
+        )
+
+
+def cats_max_sparsity(config) -> float:
+    """The most CATS reaches: the up and down share of the projection weights, at the
+    highest level a site may take."""
+    n = allocate.projection_sizes(config)
+    return float(allocate.MAX_LEVEL * (n[5] + n[6]) / n.sum())
+
+
+def setting_for(cal: Calibration, method: str, sparsity: float, model=None) -> Setting:
+    """Thresholds (and scales) of ``method`` at weight-weighted ``sparsity``.  ``model``
+    is needed for the methods with scales (weight-informed)."""
+    check_method(method)
+    p = check_sparsity(sparsity)
+    stats = cal.stats
+    n_layers = stats.n_layers
+    if method == "uniform" or p == 0:
+        return Setting(method, p, stats.thresholds(p))
+    _need_tables(cal, method)
+    from teal.sparsity import tables
+
+    if method in ("greedy", "greedy-layers"):
+        levels, rows = cal.tables["greedy.levels"], cal.tables["greedy.block_sparsity"]
+        max_s = float(rows[-1])
+        if p > max_s + 1e-9:
+            return Setting(method, p, stats.thresholds(0.0), None, False, max_s)
+        if method == "greedy":
+            target = torch.full((n_layers,), p)
+        else:
+            err, sens = cal.tables["greedy.error"], cal.tables["greedy.sensitivity"]
+            target = allocate.layer_rows(err, sens, rows, p)
+        lv = allocate.interpolate_rows(levels, rows, target)
+        return Setting(method, p, stats.thresholds(lv), None, True, max_s)
+    if method == "weight-informed":
+        if model is None:
+            raise TealError("weight-informed scores need the model (its weight norms)")
+        from teal.sparsity.scores import weight_scales
+
+        return Setting(method, p, tables.wi_stats(cal).thresholds(p), weight_scales(model))
+    # cats
+    if model is None:
+        raise TealError("CATS needs the model (its shapes)")
+    from teal.sparsity.scores import cats_scales
+
+    max_s = cats_max_sparsity(model.config)
+    thr = torch.zeros(n_layers, 7)
+    if p > max_s + 1e-9:
+        return Setting(method, p, thr, cats_scales(model), False, max_s)
+    n = allocate.projection_sizes(model.config)
+    level = p * float(n.sum() / (n[5] + n[6]))
+    # The gate column carries the threshold on |act(gate)|; the rest stay at 0, which
+    # keeps every nonzero input (the zeros CATS makes at mlp-mid are skipped by down).
+    thr[:, 4] = tables.cats_stats(cal).site_thresholds(level)[:, 3]
+    return Setting(method, p, thr, cats_scales(model), True, max_s)
+
+
+def thresholds_for(cal: Calibration, method: str, sparsity: float) -> Tensor:
+    """Thresholds ``[n_layers, 7]`` for ``model.set_sparsity``, for the methods whose
+    score is plain ``|x|`` (use ``setting_for`` for the others)."""
+    if check_method(method) in ("weight-informed", "cats"):
+        raise TealError(f"method {method!r} needs the model: use setting_for(cal, m, p, model)")
+    return setting_for(cal, method, sparsity).thresholds

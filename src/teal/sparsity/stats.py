@@ -155,6 +155,12 @@ class ActivationStats:
         counts = self.counts[layer, SITES.index(site)]
         return float(self._quantiles(counts, torch.tensor(p, dtype=torch.float64)))
 
+    def site_quantiles(self, layer: int, site: str, levels: Tensor) -> Tensor:
+        """Quantiles of ``|x|`` at (layer, site) for many levels at once (``[n]``)."""
+        counts = self.counts[layer, SITES.index(site)]
+        levels = levels.to(torch.float64).clamp(0, 1)
+        return self._quantiles(counts.expand(levels.numel(), -1), levels.flatten())
+
     def site_thresholds(self, sparsity: float) -> Tensor:
         """``[n_layers, 4]``: the ``sparsity``-quantile at every (layer, site)."""
         check_sparsity(sparsity)

@@ -1,0 +1,137 @@
+"""The method tables a calibration carries beside its ``|x|`` histograms: greedy
+allocation tables and layer sensitivities, weight-informed score histograms and CATS
+histograms.  Made once per calibration, stored in the same artifact, read by
+``teal.sparsity.methods`` at any requested sparsity."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from teal.sparsity import allocate
+from teal.sparsity.artifact import Calibration
+from teal.sparsity.scores import collect_score_stats
+from teal.sparsity.stats import ActivationStats
+
+TABLES_METHOD = "greedy-blockwise+wi+cats"
+TABLES_VERSION = 1
+# Two kinds, made apart so a command pays only for what its methods read: the greedy
+# search (greedy, greedy-layers) and the score histograms (weight-informed, cats).
+KINDS = {
+    "greedy": ("greedy.levels", "greedy.error", "greedy.block_sparsity", "greedy.sensitivity"),
+    "scores": ("wi.counts", "wi.bin_lo", "cats.counts", "cats.bin_lo"),
+}
+NAMES = KINDS["greedy"] + KINDS["scores"]
+
+
+def kinds_for(methods) -> tuple[str, ...]:
+    need = set()
+    for m in methods:
+        if m in ("greedy", "greedy-layers"):
+            need.add("greedy")
+        elif m in ("weight-informed", "cats"):
+            need.add("scores")
+    return tuple(k for k in KINDS if k in need)
+
+
+def has_tables(cal: Calibration, kinds=tuple(KINDS)) -> bool:
+    meta = cal.metadata.get("tables") or {}
+    return (
+        meta.get("method") == TABLES_METHOD
+        and meta.get("version") == TABLES_VERSION
+        and all(n in cal.tables for k in kinds for n in KINDS[k])
+    )
+
+
+def add_tables(
+    model,
+    cal: Calibration,
+    stats_tokens: Tensor,
+    held_out: Tensor,
+    *,
+    held_out_is_disjoint: bool = True,
+    kinds: tuple[str, ...] = tuple(KINDS),
+    progress: bool = True,
+) -> Calibration:
+    """Compute every method table into ``cal`` (in place; also returned).
+
+    ``stats_tokens``: the tokens the histograms were gathered on (the score histograms
+    are gathered on the same ones); ``held_out``: a 1-D stream of other calibration
+    tokens for the greedy search (``HELD_OUT_TOKENS`` of them are used)."""
+    seq_len = int(cal.metadata.get("seq_len") or 2048)
+    bos = cal.metadata.get("bos")
+    meta = dict(cal.metadata.get("tables") or {})
+    if meta.get("method") != TABLES_METHOD or meta.get("version") != TABLES_VERSION:
+        meta = {"method": TABLES_METHOD, "version": TABLES_VERSION}
+        for name in NAMES:
+            cal.tables.pop(name, None)
+    if "scores" in kinds:
+        start = time.perf_counter()
+        wi, cats = collect_score_stats(
+            model, stats_tokens, seq_len=seq_len, bos=bos, progress=progress
+        )
+        wi_t, cats_t = wi.to_tensors(), cats.to_tensors()
+        site = 3  # CATS histograms live in the mlp_mid slot
+        cal.tables.update({"wi.counts": wi_t["counts"], "wi.bin_lo": wi_t["bin_lo"]})
+        cal.tables.update(
+            {"cats.counts": cats_t["counts"][:, site].contiguous(), "cats.bin_lo": cats_t["bin_lo"]}
+        )
+        meta["seconds_scores"] = round(time.perf_counter() - start, 1)
+    if "greedy" in kinds:
+        start = time.perf_counter()
+        window = min(allocate.HELD_OUT_WINDOW, model.config.max_seq_len)
+        ids = allocate.held_out_windows(held_out[: allocate.HELD_OUT_TOKENS], window, bos)
+        greedy = allocate.greedy_tables(model, cal.stats, ids, progress=progress)
+        cal.tables.update({f"greedy.{k}": v for k, v in greedy.items()})
+        meta.update(
+            held_out_tokens=int(ids.numel()),
+            held_out_disjoint=held_out_is_disjoint,
+            greedy_delta=allocate.DELTA,
+            seconds_greedy=round(time.perf_counter() - start, 1),
+        )
+    cal.metadata["tables"] = meta
+    return cal
+
+
+def add_tables_from_text(
+    model,
+    cal: Calibration,
+    part: Any,
+    *,
+    kinds: tuple[str, ...] = tuple(KINDS),
+    progress: bool = True,
+    log: Callable | None = None,
+) -> Calibration:
+    """``add_tables`` with tokens read again from the calibration text ``part``: the
+    first ``cal.tokens`` (those the histograms saw) and the ones after them, held out."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    n = cal.tokens
+    stream = part.tokens(model.tokenizer, n + allocate.HELD_OUT_TOKENS)
+    held, disjoint = stream[n:], True
+    if held.numel() < allocate.HELD_OUT_WINDOW:
+        # Too little text to hold any out: search on the statistics' own last tokens.
+        log(
+            f"teal: warning: {part.label} has no tokens beyond the {n} calibrated on;"
+            " the greedy search reuses calibration tokens"
+        )
+        held, disjoint = stream[-allocate.HELD_OUT_TOKENS :], False
+    return add_tables(
+        model, cal, stream[:n], held, held_out_is_disjoint=disjoint, kinds=kinds, progress=progress
+    )
+
+
+def wi_stats(cal: Calibration) -> ActivationStats:
+    return ActivationStats(cal.tables["wi.counts"], int(cal.tables["wi.bin_lo"][0]))
+
+
+def cats_stats(cal: Calibration) -> ActivationStats:
+    from teal.sparsity.scores import cats_stats_from
+
+    return cats_stats_from(cal.tables["cats.counts"], int(cal.tables["cats.bin_lo"][0]))
+
+
+__all__ = ["KINDS", "NAMES", "add_tables", "add_tables_from_text", "has_tables", "kinds_for"]
