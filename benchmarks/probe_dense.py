@@ -19,8 +19,8 @@ for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     wt = w.t().contiguous()
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    t_row = do_bench(lambda: F.linear(x, w), return_mode="median") * 1e3
-    t_in = do_bench(lambda: x @ wt, return_mode="median") * 1e3
+    t_row = do_bench(lambda x=x, w=w: F.linear(x, w), return_mode="median") * 1e3
+    t_in = do_bench(lambda x=x, wt=wt: x @ wt, return_mode="median") * 1e3
     out["gemv"].append({"shape": [n, k], "row_major_us": t_row, "input_major_us": t_in})
     print(out["gemv"][-1], flush=True)
 preset = sys.argv[1] if len(sys.argv) > 1 else "llama-3-8b"
@@ -34,4 +34,5 @@ for compile_ in ("blocks", "step"):
         r["compile"] = compile_
         print(r, flush=True)
         out.setdefault("decode", []).append(r)
-json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "probe_dense.json"), "w"), indent=1)
+with open(os.path.join(os.environ.get("OUT", "."), "probe_dense.json"), "w") as f:
+    json.dump(out, f, indent=1)
