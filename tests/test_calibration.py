@@ -44,7 +44,7 @@ class CharTokenizer:
     def __init__(self, vocab: int = 97) -> None:
         self.vocab = vocab
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+    def __call__(self, text: str, add_special_tokens: bool = True, **_) -> dict[str, list[int]]:
         return {"input_ids": [ord(c) % self.vocab for c in text]}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -51,9 +51,20 @@ def plot_perplexity(results: dict[str, Any], path: Path) -> None:
                 ha="center",
                 fontsize=7,
             )
-    ax.set_yscale("log")
+    ys_all = [r["perplexity"] for r in results["results"]]
+    if ys_all and max(ys_all) > 3 * min(ys_all):
+        # Perplexity explodes at high sparsity: a log axis keeps the low end readable.
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        if max(ys_all) < 10 * min(ys_all):  # under a decade: label the minor ticks too
+            ax.yaxis.set_minor_formatter(plain)
+        ax.set_ylabel("perplexity (log scale)")
+    else:
+        ax.set_ylabel("perplexity")
     ax.set_xlabel("requested sparsity (%)")
-    ax.set_ylabel("perplexity (log scale)")
     ax.set_title(f"{Path(str(results['model'])).name}\n{results['text']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(title="protocol")

@@ -63,6 +63,11 @@ def _machine(model: Any) -> str:
     if model.device.type == "cuda":
         return f"{torch.cuda.get_device_name(model.device)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() often does not
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return (
         f"{os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} torch threads,"
         f" torch {torch.__version__}"
@@ -154,6 +159,8 @@ def main(args: argparse.Namespace) -> int:
         "sample_tokens": args.sample_tokens,
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "seconds_total": round(time.perf_counter() - t_all, 1),
+        # Process CPU time: far below threads x wall means the machine was shared.
+        "cpu_seconds": round(sum(os.times()[:2]), 1),
         "samples": samples,
     }
     paths = write_report(out, obj, run)

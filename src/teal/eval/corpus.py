@@ -67,7 +67,9 @@ class TextPart:
         step = 64  # documents per tokenizer call: fast, and stops soon after the budget
         for i in range(0, len(self.documents), step):
             piece = "\n\n".join(self.documents[i : i + step]) + "\n\n"
-            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            # verbose=False: pieces longer than the model's context are expected here (they
+            # are cut into windows later), so the tokenizer's warning would only mislead.
+            ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
             if max_tokens is not None and len(ids) >= max_tokens:
                 break
         if max_tokens is not None:

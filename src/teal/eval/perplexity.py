@@ -258,10 +258,15 @@ def evaluate(
                 every=meter_every,
             )
             model.observer = meter
+            # Full protocol on the reference backend: mode "all" sparsifies every position
+            # without a per-position mask, sparing a pass per projection.  Other backends
+            # get an all-true mask, which routes to the reference (fast kernels serve
+            # single-token decode steps only).
+            unmasked = protos == ("full",) and model.sparse_backend == "torch"
             if thr is None:
                 model.clear_sparsity()
             else:
-                model.set_sparsity(thr, mode="decode", scales=scales)
+                model.set_sparsity(thr, mode="all" if unmasked else "decode", scales=scales)
             nll = {proto: 0.0 for proto in protos}
             count = {proto: 0 for proto in protos}
             label = "dense" if thr is None else f"{protos[0]} {p:.0%}"
@@ -275,7 +280,7 @@ def evaluate(
                 for group in batches:
                     ids = torch.stack([w.ids for w in group]).to(model.device)
                     mask = None
-                    if thr is not None:
+                    if thr is not None and not unmasked:
                         mask = torch.stack([_sparse_mask(w, protos[0]) for w in group])
                         mask = mask.to(model.device)
                     logits = model(ids, sparse_mask=mask)

@@ -132,5 +132,8 @@ def cached_or_new(
             log(f"teal: cached calibration unusable ({exc}); recalibrating")
     log(f"teal: calibrating on {tokens} tokens of {part.label}; will cache it at {path}")
     cal = calibrate_text(model, part, tokens=tokens, progress=progress)
-    cal.save(path)
+    try:
+        cal.save(path)
+    except OSError as exc:  # a read-only cache costs a recalibration next time, nothing more
+        log(f"teal: warning: could not cache the calibration at {path} ({exc})")
     return cal, path
