@@ -47,4 +47,24 @@ def load(
     model.tokenizer = ckpt.tokenizer
     model.source = ckpt.source
     model.eval()
+    _pick_backend(model)
     return model
+
+
+def _pick_backend(model: Transformer) -> None:
+    """Sparse decode steps run the fast kernels of the model's device: the CPU gather
+    kernel, or the Triton kernels on CUDA.  The plain-torch reference stays available
+    through ``model.set_backend("torch")``."""
+    if model.device.type == "cuda":
+        try:
+            model.set_backend("triton")
+        except ImportError as exc:
+            import warnings
+
+            warnings.warn(
+                f"Triton is not importable ({exc}): sparse decode on this GPU runs the slow"
+                " plain-torch reference; `pip install triton` for the fast kernels",
+                stacklevel=3,
+            )
+    else:
+        model.set_backend("cpu")

@@ -93,6 +93,9 @@ def generate(
     if tok is not None and tok.eos_token_id is not None:
         eos.add(int(tok.eos_token_id))
 
+    if device.type == "cuda":
+        return _generate_cuda(model, ids, max_new_tokens, temperature, top_p, eos, stream,
+                              stop_at_eos, gen_seed=seed)  # fmt: skip
     model.setup_cache(1, len(ids) + max_new_tokens)
     prompt_t = torch.tensor([ids], device=device)
     t0 = time.perf_counter()
@@ -137,3 +140,56 @@ def _emit(tok, new: list[int], printed: str, stream: Callable[[str], None]) -> s
         stream(text[len(printed) :])
         return text
     return printed
+
+
+def _generate_cuda(
+    model: Transformer,
+    ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos: set[int],
+    stream: Callable[[str], None] | None,
+    stop_at_eos: bool,
+    gen_seed: int | None,
+) -> GenerationResult:
+    """On CUDA the compiled engine decodes (one graph replay per token); this loop reads
+    each token back only to print it and to stop at end-of-sequence."""
+    from teal.engine.cuda import CudaEngine
+
+    if gen_seed is not None:
+        torch.manual_seed(gen_seed)
+    tok = model.tokenizer
+    engine = CudaEngine(model, len(ids) + max_new_tokens, temperature=temperature, top_p=top_p)
+    engine.capture()
+    prompt_t = torch.tensor([ids], device=model.device)
+    new: list[int] = []
+    printed = ""
+    t0 = time.perf_counter()
+    t1 = t0
+    for i, token in enumerate(engine.stream_tokens(prompt_t, max_new_tokens)):
+        if i == 0:
+            t1 = time.perf_counter()
+        new.append(token)
+        if stop_at_eos and token in eos:
+            break
+        if stream is not None and tok is not None:
+            printed = _emit(tok, new, printed, stream)
+    t2 = time.perf_counter()
+    model.decode_blocks = None
+    model.clear_cache()
+    if stop_at_eos and new and new[-1] in eos:
+        new = new[:-1]
+    text = tok.decode(new, skip_special_tokens=True) if tok is not None else ""
+    if stream is not None and text[len(printed) :]:
+        stream(text[len(printed) :])
+    steps = max(len(new) - 1, 0)
+    return GenerationResult(
+        text=text,
+        token_ids=new,
+        prompt_tokens=len(ids),
+        new_tokens=len(new),
+        tokens_per_second=steps / (t2 - t1) if steps and t2 > t1 else 0.0,
+        prefill_seconds=t1 - t0,
+        decode_seconds=t2 - t1,
+    )

@@ -49,11 +49,15 @@ class CudaEngine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         compile: str = "blocks",
+        graph: bool = True,
     ) -> None:
         if compile not in ("blocks", "step", "none"):
             raise ValueError(f"compile must be blocks, step or none, not {compile!r}")
-        if model.device.type != "cuda":
-            raise ValueError("CudaEngine needs a model on a CUDA device")
+        if graph and model.device.type != "cuda":
+            raise ValueError("CUDA graphs need a model on a CUDA device")
+        # graph=False runs the same step eagerly, one call per token: the state machine
+        # (positions, output buffer) is then testable on the CPU.
+        self.use_graph = graph
         self.model = model
         self.max_len = max_len
         self.temperature = temperature
@@ -63,7 +67,8 @@ class CudaEngine:
         model.setup_cache(1, max_len)
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.out = torch.zeros(max_len, dtype=torch.long, device=device)
+        # out[i] is the token at position i; one spare slot for warm-up steps at the end.
+        self.out = torch.zeros(max_len + 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_key: tuple | None = None
         self.compile_seconds = 0.0
@@ -81,9 +86,9 @@ class CudaEngine:
     def _step(self) -> None:
         logits = self.model(self.tok, self.pos)
         nxt = sample(logits[:, -1], self.temperature, self.top_p)
-        # State advances inside the graph: the token becomes the next input, is written
-        # to the output ring at its position, and the position moves on.
-        self.out.index_copy_(0, self.pos, nxt)
+        # State advances inside the graph: the new token (position pos + 1) is written
+        # to the output buffer, becomes the next input, and the position moves on.
+        self.out.index_copy_(0, self.pos + 1, nxt)
         self.tok.copy_(nxt.view(1, 1))
         self.pos.add_(1)
 
@@ -95,6 +100,8 @@ class CudaEngine:
         """Compile and capture the step for the model's current sparsity mode; returns the
         seconds spent.  Warm-up runs write scratch positions of the cache, which the next
         prefill overwrites."""
+        if not self.use_graph:
+            return 0.0
         if self.graph is not None and self.graph_key == self._key():
             return 0.0
         t0 = time.perf_counter()
@@ -134,14 +141,14 @@ class CudaEngine:
         if n + new_tokens > self.max_len:
             raise ValueError(f"{n} + {new_tokens} positions exceed the engine's {self.max_len}")
         compile_s = self.capture()
-        torch.cuda.synchronize()
+        self._sync()
         t0 = time.perf_counter()
         self.prefill(prompt)
-        torch.cuda.synchronize()
+        self._sync()
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
-            self.graph.replay()
-        torch.cuda.synchronize()
+            self._replay()
+        self._sync()
         t2 = time.perf_counter()
         return DecodeTiming(self.out[n : n + new_tokens].clone(), t1 - t0, t2 - t1, compile_s)
 
@@ -152,8 +159,19 @@ class CudaEngine:
         self.prefill(prompt)
         yield int(self.out[n])
         for i in range(1, new_tokens):
-            self.graph.replay()
+            self._replay()
             yield int(self.out[n + i])
+
+    def _replay(self) -> None:
+        if self.use_graph:
+            self.graph.replay()
+        else:
+            with torch.no_grad():
+                self._fn()
+
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def benchmark(
