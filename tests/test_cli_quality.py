@@ -107,6 +107,8 @@ def test_calibrate_then_eval_and_generate_with_the_file(env, capsys):
         "full",
         "--max-tokens",
         "400",
+        "--method",
+        "uniform",
     )
     assert code == 0, err
     assert f"using calibration {cal}" in err
@@ -121,6 +123,8 @@ def test_calibrate_then_eval_and_generate_with_the_file(env, capsys):
         "0.5",
         "--max-new-tokens",
         "5",
+        "--method",
+        "uniform",
         "--json",
     )
     assert code == 0, err
@@ -203,6 +207,8 @@ def test_run_writes_the_report_folder(env, capsys):
         "0,0.25,0.5",
         "--sample-tokens",
         "4",
+        "--method",
+        "uniform",
     )
     assert code == 0, err
     names = {p.name for p in out_dir.iterdir()}
@@ -254,6 +260,8 @@ def test_default_model_end_to_end(default_model_path, tmp_path, monkeypatch, cap
         "full",
         "--max-tokens",
         "1024",
+        "--method",
+        "uniform",
         "--json",
     )
     assert code == 0, err
