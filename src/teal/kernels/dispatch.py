@@ -118,3 +118,14 @@ def _cats_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall, act: str) -
         keep = keep | ~sparse.pos_mask[..., None]
     mid = a * (x @ wt_gate_up[:, ffn:])
     return torch.where(keep, mid, torch.zeros((), dtype=mid.dtype, device=mid.device))
+
+
+def lm_head(h: Tensor, weight: Tensor, backend: str) -> Tensor:
+    """The dense output projection.  On the CPU backend a decode step's few rows go
+    through the CPU kernels' multi-threaded dense GEMV: torch's BLAS runs this shape on
+    one thread, and the head is a sixth of a small model's bytes per token."""
+    if backend == "cpu" and h.device.type == "cpu" and h.shape[-2] == 1:
+        from teal.kernels import cpu
+
+        return cpu.linear(h, weight)
+    return torch.nn.functional.linear(h, weight)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from teal.kernels.dispatch import SparseCall, project, project_gate_up
+from teal.kernels.dispatch import SparseCall, lm_head, project, project_gate_up
 from teal.model.config import ModelConfig, llama3_inv_freq_scale
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -308,7 +308,7 @@ class Transformer(nn.Module):
             h = block(h, rope, masks[window], input_pos, call, self.observer)
         h = self.norm(h)
         head = self.tok_embeddings.weight if self.lm_head is None else self.lm_head
-        return F.linear(h, head)
+        return lm_head(h, head, self.sparse_backend)
 
     def _sparse_call(self, seqlen: int, sparse_mask: Tensor | None) -> SparseCall | None:
         if self.sparse_mode == "off":
