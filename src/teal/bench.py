@@ -100,15 +100,42 @@ class CpuEngine:
         return torch.cat(out).flatten().tolist(), seconds
 
 
+class CudaGraphEngine:
+    """``teal.engine.cuda.CudaEngine`` behind the bench protocol: each decode step is one
+    replay of a captured CUDA graph (compiled blocks, sampling and position update
+    inside), one graph per sparsity mode; the thresholds live in a device buffer, so
+    moving between sparsity levels needs no recapture."""
+
+    name = "cuda-graph"
+
+    def __init__(self, model: Transformer, max_len: int) -> None:
+        from teal.engine.cuda import CudaEngine
+
+        self.engine = CudaEngine(model, max_len)
+        self.max_len = max_len
+
+    def prepare(self, model: Transformer) -> float:
+        return self.engine.capture()
+
+    def generate(self, prompt: Tensor, new_tokens: int) -> tuple[list[int], float]:
+        timing = self.engine.generate(prompt, new_tokens)
+        return timing.tokens.tolist(), timing.decode_seconds
+
+
 def _cpu_engine(model: Transformer, max_len: int) -> Engine:
     return CpuEngine(model, max_len)
 
 
-# device -> engine factory; None: no engine for that device in this build (the GPU engine
-# registers itself here when it is wired in).
+def _cuda_engine(model: Transformer, max_len: int) -> Engine:
+    if model.device.type != "cuda":
+        raise TealError("--device cuda needs the model on a CUDA GPU")
+    return CudaGraphEngine(model, max_len)
+
+
+# device -> engine factory; None would mean: no engine for that device in this build.
 ENGINES: dict[str, Callable[[Transformer, int], Engine] | None] = {
     "cpu": _cpu_engine,
-    "cuda": None,
+    "cuda": _cuda_engine,
 }
 
 
@@ -309,7 +336,7 @@ def bench_decode(
         rows = _plan_rows(model, levels, table, backend)
         compile_s = _run_rounds(model, engine, rows, prompt_ids, new_tokens, repeats, backend,
                                 progress)  # fmt: skip
-        results = _results(model, engine, rows, prompt_ids, new_tokens, backend, compile_s)
+        results = _results(model, engine, rows, prompt_ids, backend, compile_s, method)
     finally:
         model.clear_sparsity()
         model.clear_cache()
@@ -396,20 +423,21 @@ def _results(
     engine: Engine,
     rows: list[_Row],
     prompt: Tensor,
-    new_tokens: int,
     backend: str,
     compile_s: dict[int, float],
+    method: str,
 ) -> list[dict[str, Any]]:
+    # CATS computes gate and up densely on the reference path (its mask comes from the
+    # activated gate): say so rather than let the row pass for all-sparse.
+    sparse_dense = ["gate", "up"] if method == "cats" else []
     out = []
     for i, row in enumerate(rows):
         measured = 0.0
         if row.thresholds is not None and row.sparsity > 0:
             _set_mode(model, row, backend)
             with count_dropped(model, row.thresholds) as share:
-                tokens, _ = engine.generate(prompt, new_tokens)
+                _replay(model, prompt, row.tokens, engine)
             measured = share()
-            if tokens != row.tokens:  # greedy decoding is deterministic: a bug if not
-                raise RuntimeError("the replay with the observer generated other tokens")
         out.append(
             {
                 "sparsity": row.sparsity,
@@ -417,7 +445,9 @@ def _results(
                 "tokens_per_second": round(statistics.median(row.runs), 2),
                 "runs": [round(r, 2) for r in row.runs],
                 "compile_seconds": round(compile_s.get(i, 0.0), 2),
-                "dense_projections": [] if row.thresholds is not None else list(PROJECTIONS),
+                "dense_projections": (
+                    sparse_dense if row.thresholds is not None else list(PROJECTIONS)
+                ),
                 "path": row.path,
             }
         )
@@ -430,6 +460,26 @@ def _results(
             r["ideal_speedup"] = round(ideal, 3)
             r["share_of_ideal"] = round(r["speedup_vs_dense"] / ideal, 3)
     return out
+
+
+@torch.inference_mode()
+def _replay(model: Transformer, prompt: Tensor, tokens: list[int], engine: Engine) -> None:
+    """Run the timed row's decode steps again, eagerly and fed with the tokens it
+    generated (so the observer sees every step, even where the timed engine replays a
+    graph), for the measured sparsity.  Each step's greedy choice is checked against the
+    recorded next token where the eager step is the timed one (the CPU loop)."""
+    n = prompt.shape[1]
+    max_len = n + len(tokens)
+    if model.cache_len < max_len:
+        model.setup_cache(1, max_len)
+    model(prompt, torch.arange(n, device=prompt.device))
+    check = isinstance(engine, CpuEngine)
+    for i, tok in enumerate(tokens[:-1]):
+        step = torch.tensor([[tok]], device=prompt.device)
+        logits = model(step, torch.tensor([n + i], device=prompt.device))
+        if check and int(logits[0, -1].argmax()) != tokens[i + 1]:
+            # Greedy decoding is deterministic: the same steps must choose the same tokens.
+            raise RuntimeError("the replay with the observer chose other tokens")
 
 
 def format_table(result: dict[str, Any]) -> str:

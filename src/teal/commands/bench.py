@@ -99,6 +99,11 @@ def main(args: argparse.Namespace) -> int:
     from teal.sparsity.methods import METHODS
 
     require_engine(args.device)  # before loading anything
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TealError("--device cuda was asked for but no CUDA GPU is visible: use cpu")
     if args.method not in METHODS:
         raise TealError(f"unknown --method {args.method!r}: available are {', '.join(METHODS)}")
     if args.threads is not None and args.threads < 1:
@@ -122,7 +127,9 @@ def main(args: argparse.Namespace) -> int:
     )
     result["command"] = " ".join(["teal", *sys.argv[1:]]) if sys.argv else "teal bench"
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        from teal.report import _atomic_write
+
+        _atomic_write(Path(args.out), (json.dumps(result, indent=1) + "\n").encode())
     if args.json:
         print_json(result)
     else:
