@@ -3,6 +3,7 @@
 >>> import teal
 >>> model = teal.load()                      # the embedded default model
 >>> model.generate("The capital of France is", max_new_tokens=16).text
+>>> teal.sparsify(model, teal.calibrate(model), sparsity=0.5)   # or a transformers model
 """
 
 from __future__ import annotations
@@ -11,11 +12,22 @@ import os
 
 import torch
 
+from teal.api import Sparsity, calibrate, sparsify
 from teal.errors import TealError
 from teal.model.config import ModelConfig
 from teal.model.decoder import Transformer
+from teal.sparsity.artifact import Calibration
 
-__all__ = ["ModelConfig", "TealError", "Transformer", "load"]
+__all__ = [
+    "Calibration",
+    "ModelConfig",
+    "Sparsity",
+    "TealError",
+    "Transformer",
+    "calibrate",
+    "load",
+    "sparsify",
+]
 __version__ = "0.1.0"
 
 

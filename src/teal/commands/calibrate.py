@@ -9,6 +9,7 @@ import time
 from teal.commands.common import add_model_args, print_json
 from teal.errors import TealError
 from teal.sparsity.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
+from teal.sparsity.methods import DEFAULT_METHOD, METHODS
 
 
 def positive_int(value: str | int | None, flag: str) -> int | None:
@@ -54,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", default=1, help="windows per forward pass")
     p.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        help="also make the tables these methods read (comma list of"
+        f" {', '.join(METHODS)}; uniform needs none; default {DEFAULT_METHOD})",
+    )
+    p.add_argument(
         "--out",
         default=None,
         metavar="FILE",
@@ -66,17 +73,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     import teal
+    from teal.api import calibrate
     from teal.eval.corpus import load_corpus
-    from teal.sparsity.calibrate import calibrate_text, default_path
+    from teal.sparsity.calibrate import default_path
+    from teal.sparsity.methods import parse_methods
 
     tokens = positive_int(args.tokens, "--tokens")
     seq_len = positive_int(args.seq_len, "--seq-len")
     batch_size = positive_int(args.batch_size, "--batch-size")
+    methods = parse_methods(args.method)
     model = teal.load(args.model, dtype=args.dtype, device=args.device)
     part = load_corpus(args.text).part("calibration")
     out = args.out or default_path(model, part)
     start = time.perf_counter()
-    cal = calibrate_text(model, part, tokens=tokens, seq_len=seq_len, batch_size=batch_size)
+    # The library call (teal.calibrate) does the work: the CLI adds no logic of its own.
+    cal = calibrate(
+        model, part, tokens=tokens, seq_len=seq_len, batch_size=batch_size, methods=methods
+    )
     seconds = time.perf_counter() - start
     path = cal.save(out)
     if cal.tokens < tokens:
@@ -90,6 +103,7 @@ def main(args: argparse.Namespace) -> int:
         "fingerprint": model.fingerprint,
         "text": part.label,
         "tokens": cal.tokens,
+        "methods": methods,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(cal.tokens / seconds, 1),
     }
