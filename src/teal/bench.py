@@ -206,9 +206,11 @@ def count_dropped(model: Transformer, thresholds: Tensor):
     """While active, counts at every decode step the share of each projection's inputs
     that its threshold drops; yields a function returning the weight-weighted mean."""
     cfg = model.config
-    thr = thresholds.to(torch.float32)
-    dropped = torch.zeros(cfg.n_layers, len(PROJECTIONS), dtype=torch.float64)
-    steps = torch.zeros(cfg.n_layers, len(PROJECTIONS), dtype=torch.float64)
+    # Counted where the activations live (no host sync per site on a GPU).
+    dev = model.device
+    thr = thresholds.to(dev, torch.float32)
+    dropped = torch.zeros(cfg.n_layers, len(PROJECTIONS), dtype=torch.float64, device=dev)
+    steps = torch.zeros(cfg.n_layers, len(PROJECTIONS), dtype=torch.float64, device=dev)
     scales = model.sparse_scales
 
     def observe(layer: int, site: str, x: Tensor, pos_mask: Tensor | None) -> None:
@@ -225,7 +227,7 @@ def count_dropped(model: Transformer, thresholds: Tensor):
 
     def share() -> float:
         w = projection_weights(model)
-        frac = dropped / steps.clamp(min=1)
+        frac = (dropped / steps.clamp(min=1)).cpu()
         return float((frac * w).sum() / (w.sum() * cfg.n_layers))
 
     saved = model.observer
@@ -341,7 +343,7 @@ def bench_decode(
         model.clear_sparsity()
         model.clear_cache()
         torch.set_num_threads(old_threads)
-    kernel = None
+    kernel = "triton"
     if device == "cpu":
         from teal.kernels import cpu
 
