@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from teal.kernels import reference
+from teal.model.quant import QuantWeight
 
 BACKENDS = ("torch", "cpu", "triton")
 
@@ -39,6 +40,35 @@ def register_backend(
     name: str, project_fn: Callable[..., Tensor], gate_up_fn: Callable[..., Tensor]
 ) -> None:
     _FAST[name] = (project_fn, gate_up_fn)
+
+
+# Quantized weights (``teal.model.quant``): name -> one function for both kinds of call,
+# ``fn(x, qw, thresholds | None, splits, scale, act | None)`` (act: gate|up epilogue).
+_QUANT: dict[str, Callable[..., Tensor]] = {}
+
+
+def register_quant_backend(name: str, fn: Callable[..., Tensor]) -> None:
+    _QUANT[name] = fn
+
+
+def load_quant_backend(name: str) -> Callable[..., Tensor]:
+    if name not in _QUANT and name == "triton":
+        import teal.kernels.triton_backend  # noqa: F401  (registers itself)
+    if name not in _QUANT:
+        raise RuntimeError(f"quantized backend {name!r} is not available")
+    return _QUANT[name]
+
+
+def _quant_kernel(x: Tensor, sparse: SparseCall | None) -> Callable[..., Tensor] | None:
+    """The quantized kernel for this call, or None for the reference (dequantize, then
+    matmul).  Dense calls on the GPU use the kernels too (threshold None): there is no
+    cuBLAS for these formats; prefill (many rows) dequantizes."""
+    if sparse is not None:
+        if sparse.pos_mask is not None or sparse.backend != "triton":
+            return None
+    elif not (x.is_cuda and x.numel() // x.shape[-1] <= 64):
+        return None
+    return load_quant_backend("triton")
 
 
 def load_backend(name: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
@@ -70,6 +100,14 @@ def project(
 ) -> Tensor:
     """``x @ wt + bias`` with the input of each output segment sparsified by its own
     threshold (``thresholds[proj]``, one per entry of ``splits``)."""
+    if isinstance(wt, QuantWeight):
+        fn = _quant_kernel(x, sparse)
+        if fn is not None:
+            thr = sparse.thresholds[proj] if sparse is not None else None
+            scale = sparse.scales.get(site) if sparse is not None and sparse.scales else None
+            y = fn(x, wt, thr, splits, scale, None)
+            return y if bias is None else y + bias
+        wt = wt.dequantize(x.dtype)
     if sparse is None:
         y = x @ wt
     elif sparse.backend == "torch" or sparse.pos_mask is not None:
@@ -97,7 +135,15 @@ def project_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall | None, ac
     """``act(gate) * up``, the input of the down projection (site mlp-mid)."""
     ffn = wt_gate_up.shape[1] // 2
     if sparse is not None and sparse.scales and "mlp_cats" in sparse.scales:
+        if isinstance(wt_gate_up, QuantWeight):
+            wt_gate_up = wt_gate_up.dequantize(x.dtype)
         return _cats_gate_up(x, wt_gate_up, sparse, act)
+    if isinstance(wt_gate_up, QuantWeight):
+        fn = _quant_kernel(x, sparse)
+        if fn is not None:
+            thr = sparse.thresholds[4:6] if sparse is not None else None
+            scale = sparse.scales.get("mlp_in") if sparse is not None and sparse.scales else None
+            return fn(x, wt_gate_up, thr, (ffn, ffn), scale, act)
     if sparse is not None and sparse.backend != "torch" and sparse.pos_mask is None:
         _, fn = load_backend(sparse.backend)
         scale = sparse.scales.get("mlp_in") if sparse.scales else None
@@ -123,7 +169,10 @@ def _cats_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall, act: str) -
 def lm_head(h: Tensor, weight: Tensor, backend: str) -> Tensor:
     """The dense output projection.  On the CPU backend a decode step's few rows go
     through the CPU kernels' multi-threaded dense GEMV: torch's BLAS runs this shape on
-    one thread, and the head is a sixth of a small model's bytes per token."""
+    one thread, and the head is a sixth of a small model's bytes per token.  A quantized
+    head (``QuantWeight``, input-major) runs like a dense quantized projection."""
+    if isinstance(weight, QuantWeight):
+        return project(h, weight, None, None, slice(0, 1), (weight.shape[1],), "head")
     if backend == "cpu" and h.device.type == "cpu" and h.shape[-2] == 1:
         from teal.kernels import cpu
 

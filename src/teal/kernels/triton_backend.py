@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from teal.errors import TealError
-from teal.kernels import triton_gemv
-from teal.kernels.dispatch import register_backend
+from teal.kernels import triton_gemv, triton_quant
+from teal.kernels.dispatch import register_backend, register_quant_backend
 
 MAX_ROWS = triton_gemv.MAX_BATCH
 
@@ -62,3 +62,51 @@ def gate_up(x: Tensor, wt: Tensor, thresholds: Tensor, act: str, scale: Tensor |
 
 
 register_backend("triton", project, gate_up)
+
+
+@torch.library.custom_op("teal::quant_gemv", mutates_args=())
+def _quant(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    thresholds: Tensor | None,
+    splits: list[int],
+    group_size: int,
+    act: str,
+    scale: Tensor | None,
+) -> Tensor:
+    if act:
+        return triton_quant.quant_gate_up_act(
+            x, qweight, scales, zeros, thresholds, act, group_size, scale
+        )
+    return triton_quant.quant_gemv(
+        x, qweight, scales, zeros, thresholds, tuple(splits), group_size, scale
+    )
+
+
+@_quant.register_fake
+def _(x, qweight, scales, zeros, thresholds, splits, group_size, act, scale):  # noqa: ANN001, ANN202
+    n = scales.shape[-1]
+    return x.new_empty(x.shape[0], n // 2 if act else n)
+
+
+def quant_project(
+    x: Tensor,
+    qw,  # noqa: ANN001  (teal.model.quant.QuantWeight)
+    thresholds: Tensor | None,
+    splits: tuple[int, ...],
+    scale: Tensor | None,
+    act: str | None,
+) -> Tensor:
+    """A projection (``act`` None) or gate|up with its activation on quantized weights;
+    ``thresholds`` None: dense."""
+    n = qw.shape[1] // 2 if act else qw.shape[1]
+    y = _quant(
+        _rows(x), qw.qweight, qw.scales, qw.zeros, thresholds, list(splits), qw.group_size,
+        act or "", scale,
+    )  # fmt: skip
+    return y.view(*x.shape[:-1], n)
+
+
+register_quant_backend("triton", quant_project)

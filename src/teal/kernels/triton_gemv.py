@@ -176,14 +176,14 @@ def _walk(
                 r1 = j + ROWS + offs_r
                 w1, v1 = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r1, cnt)
                 rows = tl.load(idx_ptr + ROWS + r1, mask=ROWS + r1 < cnt, other=0)
-                acc += v.to(tl.float32)[:, None] * w.to(tl.float32)
+                acc += v.to(tl.float32)[:, None] * _wf32(w)
                 w, v = w1, v1
         else:
             for j in range(0, cnt, ROWS):
                 r1 = j + ROWS + offs_r
                 w1, v1 = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r1, cnt)
                 rows = tl.load(idx_ptr + ROWS + r1, mask=ROWS + r1 < cnt, other=0)
-                acc += v.to(tl.float32)[:, None] * w.to(tl.float32)
+                acc += v.to(tl.float32)[:, None] * _wf32(w)
                 w, v = w1, v1
     else:
         if INTERPRET:
@@ -194,7 +194,7 @@ def _walk(
                 if USE_DOT:
                     acc = _dot_acc(acc, w, val_ptr, b, B, r, cnt, KC, F32_DOT)
                 else:
-                    acc += v.to(tl.float32)[:, None] * w.to(tl.float32)
+                    acc += v.to(tl.float32)[:, None] * _wf32(w)
         else:
             for j in range(0, cnt, ROWS):
                 r = j + offs_r
@@ -203,7 +203,7 @@ def _walk(
                 if USE_DOT:
                     acc = _dot_acc(acc, w, val_ptr, b, B, r, cnt, KC, F32_DOT)
                 else:
-                    acc += v.to(tl.float32)[:, None] * w.to(tl.float32)
+                    acc += v.to(tl.float32)[:, None] * _wf32(w)
     if USE_DOT:
         return acc
     else:
@@ -233,10 +233,22 @@ def _dot_acc(acc, w, val_ptr, b, B, r, cnt, KC: tl.constexpr, F32_DOT: tl.conste
         other=0.0,
     )
     if F32_DOT:
-        acc += tl.dot(v.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(v.to(tl.float32), _wf32(w), input_precision="ieee")
     else:
-        acc = tl.dot(v, w, acc)
+        acc = tl.dot(v, w.to(v.dtype), acc)  # int8 codes are exact in fp16/bf16
     return acc
+
+
+@triton.jit
+def _wf32(w):
+    """Weights to fp32.  int8 codes go through the mantissa of 2^23 (integer add, or,
+    float subtract) instead of I2F, which runs at a quarter of the FMA rate on recent
+    GPUs and would cap an int8 stream below the memory bandwidth."""
+    if w.dtype == tl.int8:
+        b = (w.to(tl.int32) + 128) | 0x4B000000
+        return b.to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        return w.to(tl.float32)
 
 
 @triton.jit
@@ -284,6 +296,7 @@ def _sparse_gemv_kernel(
     lock_ptr,
     y_ptr,
     stride_yb,
+    qs_ptr,
     B,
     K,
     N_PART,
@@ -296,6 +309,7 @@ def _sparse_gemv_kernel(
     PAIR: tl.constexpr,
     ACT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    HAS_QS: tl.constexpr,
     BB: tl.constexpr,
     KC: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -434,6 +448,7 @@ def _sparse_gemv_kernel(
             INTERPRET,
         )
         acc2 = acc  # unused
+        cols2 = cols  # unused
 
     if USE_DOT:
         rb = b
@@ -464,10 +479,14 @@ def _sparse_gemv_kernel(
                     )
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
             _epilogue(
-                y_ptr, stride_yb, rb, rmask, offs_n, cols, nmask, acc, acc2, PAIR, ACT, INTERPRET
-            )
+                y_ptr, stride_yb, rb, rmask, offs_n, cols, cols2, nmask, acc, acc2, qs_ptr,
+                PAIR, ACT, HAS_QS, INTERPRET,
+            )  # fmt: skip
     else:
-        _epilogue(y_ptr, stride_yb, rb, rmask, offs_n, cols, nmask, acc, acc2, PAIR, ACT, INTERPRET)
+        _epilogue(
+            y_ptr, stride_yb, rb, rmask, offs_n, cols, cols2, nmask, acc, acc2, qs_ptr,
+            PAIR, ACT, HAS_QS, INTERPRET,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -478,15 +497,23 @@ def _epilogue(
     rmask,
     offs_n,
     cols,
+    cols2,
     nmask,
     acc,
     acc2,
+    qs_ptr,
     PAIR: tl.constexpr,
     ACT: tl.constexpr,
+    HAS_QS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     ty = y_ptr.dtype.element_ty
     omask = rmask[:, None] & nmask[None, :]
+    if HAS_QS:
+        # int8 weights: the per-output-channel scale factors out of the sum over K.
+        acc = acc * tl.load(qs_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if PAIR:
+            acc2 = acc2 * tl.load(qs_ptr + cols2, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if PAIR:
         # Round gate, up and act(gate) to the output dtype before the product, as the
         # unfused reference does: a one-ulp difference here flips channels that sit at
@@ -577,17 +604,40 @@ def _heuristic(k: int, n: int, pair: bool, b: int, device: torch.device) -> Gemv
     return GemvConfig(block_n, rows, split, 4, 1, b > 1, b == 1 and block_n <= 128)
 
 
+# Quantized weights (kernels/triton_quant.py): key (K, N, pair, batch bucket, format),
+# format "int8" or "int4" (block_n counts output columns: int4 reads block_n / 2 bytes
+# of each kept row).  Filled from benchmarks/bench_quant.py runs.
+_QTABLE: dict[tuple[int, int, bool, int, str], GemvConfig] = {}
+
+
+def _q_heuristic(fmt: str, k: int, n: int, pair: bool, b: int, device: torch.device) -> GemvConfig:
+    if fmt == "int8" or b > 1:
+        return _heuristic(k, n, pair, b, device)
+    # int4: a row run of 256 bytes per program (512 outputs), chunks of K aligned to groups.
+    n_eff = n // 2 if pair else n
+    sms = _num_sms(device)
+    block_n = min(512, max(32, triton.next_power_of_2(n_eff)))
+    n_blocks = triton.cdiv(n_eff, block_n)
+    split = max(1, min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(k, 256)))
+    return GemvConfig(block_n, 16, split, 4, 1, False, False)
+
+
 def get_config(
     k: int,
     n: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype | str,
     b: int = 1,
     pair: bool = False,
     device: torch.device | str = "cuda",
 ) -> GemvConfig:
-    """The configuration a launch of this shape uses (tuned, then table, then heuristic)."""
+    """The configuration a launch of this shape uses (tuned, then table, then heuristic).
+    ``dtype``: the activations' dtype, or ``"int8"`` / ``"int4"`` for quantized weights."""
     bk = _bucket(b)
     cfg = _TUNED.get((k, n, pair, bk, dtype))
+    if isinstance(dtype, str):
+        if cfg is None:
+            cfg = _QTABLE.get((k, n, pair, bk, dtype))
+        return cfg or _q_heuristic(dtype, k, n, pair, b, torch.device(device))
     if cfg is None:
         cfg = _TABLE.get((k, n, pair, bk))
     if cfg is None:
@@ -596,7 +646,7 @@ def get_config(
 
 
 def set_config(
-    k: int, n: int, dtype: torch.dtype, cfg: GemvConfig, b: int = 1, pair: bool = False
+    k: int, n: int, dtype: torch.dtype | str, cfg: GemvConfig, b: int = 1, pair: bool = False
 ) -> None:
     """Pin the configuration used for a shape (what :func:`tune` does with its winner)."""
     _TUNED[(k, n, pair, _bucket(b), dtype)] = cfg
@@ -617,7 +667,17 @@ def _locks(device: torch.device, n: int) -> Tensor:
     return buf
 
 
-def _as_threshold(t: Tensor | float, n: int, device: torch.device) -> Tensor:
+_KEEP_ALL: dict[tuple[str, int | None, int], Tensor] = {}
+
+
+def _as_threshold(t: Tensor | float | None, n: int, device: torch.device) -> Tensor:
+    if t is None:
+        # Dense: -inf keeps every channel (padding is scored -inf and still drops). One
+        # cached tensor per device, so a captured graph allocates nothing for it.
+        key = (device.type, device.index, n)
+        if key not in _KEEP_ALL:
+            _KEEP_ALL[key] = torch.full((n,), float("-inf"), device=device)
+        return _KEEP_ALL[key]
     if not isinstance(t, Tensor):
         # Convenience only: a new tensor per call cannot be updated inside a CUDA graph.
         t = torch.full((n,), float(t), dtype=torch.float32, device=device)
@@ -642,13 +702,23 @@ def _launch(
     pair: bool,
     act: str,
     config: GemvConfig | None = None,
+    qscale: Tensor | None = None,
 ) -> Tensor:
     if wt.dim() != 2:
         raise ValueError(f"wt must be [K, N], got shape {tuple(wt.shape)}")
     k, n = wt.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} channels, wt has {k} rows (wt is [K, N])")
-    if x.dtype != wt.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    if qscale is not None:
+        if wt.dtype != torch.int8 or qscale.numel() != n:
+            raise ValueError(
+                f"int8 weights need wt int8 [K, N] and qscale [N], got {wt.dtype},"
+                f" {tuple(qscale.shape)}"
+            )
+        qscale = qscale.reshape(-1)
+    elif x.dtype != wt.dtype:
         raise ValueError(f"x and wt must share a float dtype, got {x.dtype} and {wt.dtype}")
     if wt.stride(1) != 1:
         raise ValueError(
@@ -674,7 +744,8 @@ def _launch(
         if scale.numel() != k:
             raise ValueError(f"scale must have {k} entries (one per input channel)")
         scale = scale.reshape(-1).contiguous()
-    cfg = config or get_config(k, n, x.dtype, b, pair, dev)
+    key_dtype = x.dtype if qscale is None else "int8"
+    cfg = config or get_config(k, n, key_dtype, b, pair, dev)
 
     use_dot = cfg.dot or b > 1
     bb = max(16, triton.next_power_of_2(b)) if use_dot else 1
@@ -716,6 +787,7 @@ def _launch(
         locks,
         y,
         y.stride(0),
+        qscale if qscale is not None else t,
         b,
         k,
         n,
@@ -728,6 +800,7 @@ def _launch(
         PAIR=pair,
         ACT=ACTS[act] if pair else 0,
         HAS_SCALE=scale is not None,
+        HAS_QS=qscale is not None,
         BB=bb,
         KC=kc,
         BLOCK_N=block_n,

@@ -179,6 +179,7 @@ class Transformer(nn.Module):
         self.sparse_backend = "torch"
         self.sparse_scales: list[dict[str, Tensor]] | None = None
         self.observer: Observer | None = None
+        self.quant = None  # a teal.model.quant.QuantConfig once quantized
         # Compiled copies of the blocks for one-token steps, set by the CUDA engine.
         self.decode_blocks: list[Callable[..., Tensor]] | None = None
         self.cache_len = 0
@@ -245,6 +246,14 @@ class Transformer(nn.Module):
         if backend != "torch":
             load_backend(backend)  # import now: a compiled step cannot run the import
         self.sparse_backend = backend
+
+    def quantize(self, fmt: str, group_size: int = 128, zero_point: bool = True,
+                 lm_head: bool = True):  # fmt: skip
+        """Weight-only int8 / int4 projections (and ``lm_head``), in place; see
+        ``teal.model.quant``.  Returns the ``QuantConfig``."""
+        from teal.model.quant import quantize_model
+
+        return quantize_model(self, fmt, group_size, zero_point, lm_head)
 
     # ----- cache ----------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int) -> None:

@@ -1,0 +1,602 @@
+"""Triton sparse GEMV on quantized weights (layouts: ``teal.model.quant``).
+
+Same structure as ``triton_gemv`` (read its docstring first): every program compacts the
+kept channels of its chunk of ``K`` in-kernel, walks only their rows, and split-K
+partials meet through an atomic ticket; q|k|v segments and gate|up with the activation
+epilogue run in one launch; ``thresholds=None`` is the dense call (every channel kept).
+
+* int8 (per-output-channel scales) is the fp16 kernel itself: the walk turns the int8
+  codes into fp32 and the epilogue multiplies by the column's scale once, after the sum
+  over ``K`` (``triton_gemv._sparse_gemv_kernel`` with ``HAS_QS``).
+* int4 (group-wise along ``K``, two output columns per byte) has its own kernel below.
+  Chunks of ``K`` are whole groups.  The compaction also writes, per group, where its
+  kept rows end in the compacted list and the sum of its kept inputs.  The walk goes
+  group by group: it loads the group's scale (and zero point) row for the program's
+  columns once, accumulates ``x * q`` over the group's kept rows in raw codes, then adds
+  ``s * acc - s * z * sum(x)``.  A group with no kept row costs two scalar loads and its
+  scale row.  Codes become floats through the mantissa of 2^23 (no I2F instruction).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from teal.kernels.triton_gemv import (
+    ACTS,
+    MAX_BATCH,
+    MAX_SEGMENTS,
+    GemvConfig,
+    _act,  # noqa: F401  (used by _epilogue)
+    _as_threshold,
+    _compact,
+    _epilogue,
+    _interpreting,
+    _launch,
+    _locks,
+    _round,
+    _scores,
+    get_config,
+)
+
+__all__ = ["quant_gemv", "quant_gate_up_act"]
+
+
+@triton.jit
+def _i4f(q):
+    """Small non-negative int32 codes (< 2^23) to fp32, exactly, with integer ops."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _compact_groups(
+    xv,
+    score,
+    k,
+    t,
+    B,
+    idx_ptr,
+    val_ptr,
+    gend_ptr,
+    gsum_ptr,
+    BB: tl.constexpr,
+    KC: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+):
+    """``_compact``, plus per group of the chunk: the end of its kept rows in the
+    compacted list (``gend``) and the sum of each row's kept inputs (``gsum[b, g]``)."""
+    _compact(xv, score, k, t, B, idx_ptr, val_ptr, BB, KC)
+    keep2 = score > t
+    keep = tl.max(keep2.to(tl.int32), axis=0)
+    ends = tl.cumsum(tl.sum(tl.reshape(keep, (NG, G)), axis=1), axis=0)
+    tl.store(gend_ptr + tl.arange(0, NG), ends)
+    xm = tl.where(keep2, xv.to(tl.float32), 0.0)
+    gs = tl.sum(tl.reshape(xm, (BB, NG, G)), axis=2)
+    b = tl.arange(0, BB)
+    tl.store(gsum_ptr + b[:, None] * NG + tl.arange(0, NG)[None, :], gs)
+
+
+@triton.jit
+def _q4_step(
+    q_ptr,
+    stride_qk,
+    bcols,
+    nmask,
+    idx_ptr,
+    val_ptr,
+    r,
+    hi,
+    B,
+    acc_lo,
+    acc_hi,
+    BB: tl.constexpr,
+    KC: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    F32_DOT: tl.constexpr,
+):
+    """Rows at positions ``r`` of the compacted list (those below ``hi``): both nibbles
+    of the program's bytes, times the inputs, into the group accumulators."""
+    rmask = r < hi
+    rows = tl.load(idx_ptr + r, mask=rmask, other=0)
+    p = tl.load(
+        q_ptr + rows.to(tl.int64)[:, None] * stride_qk + bcols[None, :],
+        mask=rmask[:, None] & nmask[None, :],
+        other=0,
+    ).to(tl.int32)
+    w_lo = _i4f(p & 15)
+    w_hi = _i4f((p >> 4) & 15)
+    if USE_DOT:
+        b = tl.arange(0, BB)
+        v = tl.load(
+            val_ptr + b[:, None] * KC + r[None, :],
+            mask=(b < B)[:, None] & rmask[None, :],
+            other=0.0,
+        )
+        if F32_DOT:
+            acc_lo += tl.dot(v.to(tl.float32), w_lo, input_precision="ieee")
+            acc_hi += tl.dot(v.to(tl.float32), w_hi, input_precision="ieee")
+        else:
+            # Codes 0..15 are exact in fp16 / bf16.
+            acc_lo = tl.dot(v, w_lo.to(v.dtype), acc_lo)
+            acc_hi = tl.dot(v, w_hi.to(v.dtype), acc_hi)
+    else:
+        v = tl.load(val_ptr + r, mask=rmask, other=0.0).to(tl.float32)
+        acc_lo += v[:, None] * w_lo
+        acc_hi += v[:, None] * w_hi
+    return acc_lo, acc_hi
+
+
+@triton.jit
+def _walk_q4(
+    q_ptr,
+    stride_qk,
+    bcols,
+    nmask,
+    s_ptr,
+    z_ptr,
+    stride_s,
+    cols_lo,
+    cols_hi,
+    idx_ptr,
+    val_ptr,
+    gend_ptr,
+    gsum_ptr,
+    g0,
+    n_grp,
+    B,
+    BB: tl.constexpr,
+    KC: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    ROWS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """The chunk's kept rows, group by group; returns the fp32 sums for the low-nibble
+    and high-nibble columns, ``[BB, BLOCK_H]`` (dot path) or ``[1, BLOCK_H]``."""
+    offs_r = tl.arange(0, ROWS)
+    b = tl.arange(0, BB)
+    if USE_DOT:
+        acc_lo = tl.zeros((BB, BLOCK_H), dtype=tl.float32)
+    else:
+        acc_lo = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    acc_hi = tl.zeros_like(acc_lo)
+    # Zero-point terms of the FMA path (one row; the dot path folds them into acc).
+    accz_lo = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    accz_hi = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    # The interpreter cannot take a tensor as a loop bound (see triton_gemv._walk): there
+    # the loops run to their static maxima under masks.
+    if INTERPRET:
+        n_loop = NG
+    else:
+        n_loop = tl.minimum(n_grp - g0, NG)
+    for gi in range(0, n_loop):
+        g = g0 + gi
+        hi = tl.load(gend_ptr + gi)
+        lo = tl.load(gend_ptr + gi - 1, mask=gi > 0, other=0)
+        smask = nmask & (g < n_grp)
+        s_lo = tl.load(s_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z_lo = _i4f(tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0).to(tl.int32))
+            z_hi = _i4f(tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0).to(tl.int32))
+        else:
+            z_lo = tl.full((BLOCK_H,), 8.0, tl.float32)
+            z_hi = tl.full((BLOCK_H,), 8.0, tl.float32)
+        g_lo = tl.zeros_like(acc_lo)
+        g_hi = tl.zeros_like(acc_hi)
+        if INTERPRET:
+            for j in range(0, G, ROWS):
+                g_lo, g_hi = _q4_step(
+                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, lo + j + offs_r, hi, B,
+                    g_lo, g_hi, BB, KC, USE_DOT, F32_DOT,
+                )  # fmt: skip
+        else:
+            for j in range(lo, hi, ROWS):
+                g_lo, g_hi = _q4_step(
+                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, j + offs_r, hi, B,
+                    g_lo, g_hi, BB, KC, USE_DOT, F32_DOT,
+                )  # fmt: skip
+        # (q - z) * s summed with x: s * sum(x q) - s * z * sum(x).
+        if USE_DOT:
+            xs = tl.load(gsum_ptr + b * NG + gi, mask=b < B, other=0.0)
+            acc_lo += g_lo * s_lo[None, :] - xs[:, None] * (z_lo * s_lo)[None, :]
+            acc_hi += g_hi * s_hi[None, :] - xs[:, None] * (z_hi * s_hi)[None, :]
+        else:
+            xs = tl.load(gsum_ptr + gi)
+            acc_lo += g_lo * s_lo[None, :]
+            acc_hi += g_hi * s_hi[None, :]
+            accz_lo -= xs * z_lo * s_lo
+            accz_hi -= xs * z_hi * s_hi
+    if USE_DOT:
+        return acc_lo, acc_hi
+    else:
+        return (tl.sum(acc_lo, axis=0) + accz_lo)[None, :], (tl.sum(acc_hi, axis=0) + accz_hi)[
+            None, :
+        ]
+
+
+@triton.jit
+def _sum_parts(part_ptr, B, N_PART, rb, cols, pmask, like, SPLIT_K: tl.constexpr):
+    acc = tl.zeros_like(like)
+    for s in range(SPLIT_K):
+        ptr = part_ptr + s * B * N_PART + rb[:, None] * N_PART + cols[None, :]
+        acc += tl.load(ptr, mask=pmask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
+def _q4_kernel(
+    x_ptr,
+    stride_xb,
+    stride_xk,
+    q_ptr,
+    stride_qk,
+    sc_ptr,
+    z_ptr,
+    stride_s,
+    t_ptr,
+    s_ptr,
+    idx_ptr,
+    val_ptr,
+    gend_ptr,
+    gsum_ptr,
+    part_ptr,
+    lock_ptr,
+    y_ptr,
+    stride_yb,
+    B,
+    K,
+    N_PART,
+    k_chunk,
+    n_grp,
+    H0,
+    H1,
+    H2,
+    H3,
+    NSEG: tl.constexpr,
+    PAIR: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    BB: tl.constexpr,
+    KC: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Grid ``(byte blocks, split_k)``.  ``H*`` are the segments' packed widths (half their
+    output widths).  Block ``pid_n`` reads ``BLOCK_H`` bytes of each kept row of one
+    segment and produces its columns ``o`` and ``H + o`` (PAIR: the same bytes of gate
+    and of up, combined as ``act(gate) * up`` in the epilogue)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * k_chunk
+    k_len = tl.minimum(k_chunk, K - k_lo)
+    g0 = k_lo // G
+    offs = tl.arange(0, BLOCK_H)
+    b = tl.arange(0, BB)
+    if PAIR:
+        o = pid_n * BLOCK_H + offs
+        nmask = o < H0
+        t0 = _round(tl.load(t_ptr).to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
+        t1 = _round(tl.load(t_ptr + 1).to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
+        slot0 = pid_k
+        slot1 = SPLIT_K + pid_k
+        xv, score, k = _scores(
+            x_ptr, stride_xb, stride_xk, s_ptr, k_lo, k_len, B, BB, KC, HAS_SCALE, INTERPRET
+        )
+        _compact_groups(
+            xv, score, k, t0, B, idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC,
+            gend_ptr + slot0 * NG, gsum_ptr + slot0 * BB * NG, BB, KC, G, NG,
+        )  # fmt: skip
+        _compact_groups(
+            xv, score, k, t1, B, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC,
+            gend_ptr + slot1 * NG, gsum_ptr + slot1 * BB * NG, BB, KC, G, NG,
+        )  # fmt: skip
+        tl.debug_barrier()
+        # gate: bytes [0, H0), columns o and H0 + o; up: bytes H0 + o, columns 2 H0 + ...
+        c_lo = o
+        c_hi = H0 + o
+        u_lo = 2 * H0 + o
+        u_hi = 3 * H0 + o
+        a_lo, a_hi = _walk_q4(
+            q_ptr, stride_qk, o, nmask, sc_ptr, z_ptr, stride_s, c_lo, c_hi,
+            idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, gend_ptr + slot0 * NG,
+            gsum_ptr + slot0 * BB * NG, g0, n_grp, B,
+            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, INTERPRET,
+        )  # fmt: skip
+        b_lo, b_hi = _walk_q4(
+            q_ptr, stride_qk, H0 + o, nmask, sc_ptr, z_ptr, stride_s, u_lo, u_hi,
+            idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, gend_ptr + slot1 * NG,
+            gsum_ptr + slot1 * BB * NG, g0, n_grp, B,
+            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, INTERPRET,
+        )  # fmt: skip
+    else:
+        nb0 = tl.cdiv(H0, BLOCK_H)
+        blk = pid_n
+        seg = pid_n * 0
+        bcol0 = pid_n * 0
+        half = pid_n * 0 + H0
+        if NSEG > 1:
+            s1 = (pid_n >= nb0).to(tl.int32)
+            seg += s1
+            blk -= s1 * nb0
+            bcol0 += s1 * H0
+            half += s1 * (H1 - H0)
+        if NSEG > 2:
+            nb1 = tl.cdiv(H1, BLOCK_H)
+            s2 = (pid_n >= nb0 + nb1).to(tl.int32)
+            seg += s2
+            blk -= s2 * nb1
+            bcol0 += s2 * H1
+            half += s2 * (H2 - H1)
+        if NSEG > 3:
+            nb2 = tl.cdiv(H2, BLOCK_H)
+            s3 = (pid_n >= nb0 + nb1 + nb2).to(tl.int32)
+            seg += s3
+            blk -= s3 * nb2
+            bcol0 += s3 * H2
+            half += s3 * (H3 - H2)
+        o = blk * BLOCK_H + offs
+        nmask = o < half
+        c_lo = 2 * bcol0 + o
+        c_hi = 2 * bcol0 + half + o
+        t = _round(tl.load(t_ptr + seg).to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
+        slot = seg * SPLIT_K + pid_k
+        xv, score, k = _scores(
+            x_ptr, stride_xb, stride_xk, s_ptr, k_lo, k_len, B, BB, KC, HAS_SCALE, INTERPRET
+        )
+        _compact_groups(
+            xv, score, k, t, B, idx_ptr + slot * KC, val_ptr + slot * BB * KC,
+            gend_ptr + slot * NG, gsum_ptr + slot * BB * NG, BB, KC, G, NG,
+        )  # fmt: skip
+        tl.debug_barrier()
+        a_lo, a_hi = _walk_q4(
+            q_ptr, stride_qk, bcol0 + o, nmask, sc_ptr, z_ptr, stride_s, c_lo, c_hi,
+            idx_ptr + slot * KC, val_ptr + slot * BB * KC, gend_ptr + slot * NG,
+            gsum_ptr + slot * BB * NG, g0, n_grp, B,
+            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, INTERPRET,
+        )  # fmt: skip
+        b_lo = a_lo  # unused
+        b_hi = a_hi
+        u_lo = c_lo
+        u_hi = c_hi
+
+    if USE_DOT:
+        rb = b
+        rmask = b < B
+    else:
+        rb = tl.arange(0, 1)
+        rmask = rb < 1
+    if PAIR:
+        out_lo = o
+        out_hi = H0 + o
+    else:
+        out_lo = c_lo
+        out_hi = c_hi
+
+    if SPLIT_K > 1:
+        pmask = rmask[:, None] & nmask[None, :]
+        pbase = part_ptr + pid_k * B * N_PART + rb[:, None] * N_PART
+        tl.store(pbase + c_lo[None, :], a_lo, mask=pmask)
+        tl.store(pbase + c_hi[None, :], a_hi, mask=pmask)
+        if PAIR:
+            tl.store(pbase + u_lo[None, :], b_lo, mask=pmask)
+            tl.store(pbase + u_hi[None, :], b_hi, mask=pmask)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            a_lo = _sum_parts(part_ptr, B, N_PART, rb, c_lo, pmask, a_lo, SPLIT_K)
+            a_hi = _sum_parts(part_ptr, B, N_PART, rb, c_hi, pmask, a_hi, SPLIT_K)
+            if PAIR:
+                b_lo = _sum_parts(part_ptr, B, N_PART, rb, u_lo, pmask, b_lo, SPLIT_K)
+                b_hi = _sum_parts(part_ptr, B, N_PART, rb, u_hi, pmask, b_hi, SPLIT_K)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+            _epilogue(
+                y_ptr, stride_yb, rb, rmask, out_lo, c_lo, u_lo, nmask, a_lo, b_lo, t_ptr,
+                PAIR, ACT, False, INTERPRET,
+            )  # fmt: skip
+            _epilogue(
+                y_ptr, stride_yb, rb, rmask, out_hi, c_hi, u_hi, nmask, a_hi, b_hi, t_ptr,
+                PAIR, ACT, False, INTERPRET,
+            )  # fmt: skip
+    else:
+        _epilogue(
+            y_ptr, stride_yb, rb, rmask, out_lo, c_lo, u_lo, nmask, a_lo, b_lo, t_ptr,
+            PAIR, ACT, False, INTERPRET,
+        )  # fmt: skip
+        _epilogue(
+            y_ptr, stride_yb, rb, rmask, out_hi, c_hi, u_hi, nmask, a_hi, b_hi, t_ptr,
+            PAIR, ACT, False, INTERPRET,
+        )  # fmt: skip
+
+
+def _launch_q4(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    thresholds: Tensor | None,
+    splits: tuple[int, ...],
+    group_size: int,
+    scale: Tensor | None,
+    pair: bool,
+    act: str,
+    config: GemvConfig | None,
+) -> Tensor:
+    k = qweight.shape[0]
+    n = scales.shape[-1]
+    g = group_size
+    n_grp = triton.cdiv(k, g)
+    if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != n or qweight.stride(1) != 1:
+        raise ValueError(
+            f"int4 weights must be uint8 [K, N/2] with contiguous rows, got {qweight.dtype}"
+            f" {tuple(qweight.shape)} for N={n}"
+        )
+    if tuple(scales.shape) != (n_grp, n) or scales.stride(1) != 1:
+        raise ValueError(f"scales must be [{n_grp}, {n}], got {tuple(scales.shape)}")
+    if zeros is not None and (zeros.shape != scales.shape or zeros.stride() != scales.stride()):
+        raise ValueError("zeros must have the shape and strides of scales")
+    if g & (g - 1) or not 16 <= g <= 256:
+        raise ValueError(f"group_size must be a power of two in 16..256, got {g}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} channels, the weight has {k} rows")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    if sum(splits) != n or not 1 <= len(splits) <= MAX_SEGMENTS or any(s % 2 for s in splits):
+        raise ValueError(f"splits {splits} must be 1..{MAX_SEGMENTS} even widths summing to {n}")
+    if pair and (len(splits) != 2 or splits[0] != splits[1]):
+        raise ValueError(f"gate|up needs two equal halves, got {splits}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    b = x2.shape[0]
+    if not 1 <= b <= MAX_BATCH:
+        raise ValueError(f"sparse GEMV takes 1..{MAX_BATCH} rows, got {b}")
+    dev = x.device
+    t = _as_threshold(thresholds, len(splits), dev)
+    if scale is not None:
+        if scale.numel() != k:
+            raise ValueError(f"scale must have {k} entries (one per input channel)")
+        scale = scale.reshape(-1).contiguous()
+    cfg = config or get_config(k, n, "int4", b, pair, dev)
+
+    use_dot = cfg.dot or b > 1
+    bb = max(16, triton.next_power_of_2(b)) if use_dot else 1
+    # Chunks of K are whole groups.
+    k_chunk = triton.cdiv(triton.cdiv(k, max(1, cfg.split_k)), g) * g
+    split = triton.cdiv(k, k_chunk)
+    kc = max(16, triton.next_power_of_2(k_chunk))
+    ng = kc // g
+    block_h = max(16, cfg.block_n // 2)
+    rows = max(cfg.rows, 16) if use_dot else cfg.rows
+    halves = [s // 2 for s in splits] + [0] * (MAX_SEGMENTS - len(splits))
+    if pair:
+        grid_n = triton.cdiv(halves[0], block_h)
+        n_out = splits[0]
+        slots = 2
+    else:
+        grid_n = sum(triton.cdiv(h, block_h) for h in halves)
+        n_out = n
+        slots = len(splits)
+    y = torch.empty((b, n_out), dtype=x.dtype, device=dev)
+    idx = torch.empty(slots * split * kc, dtype=torch.int32, device=dev)
+    val = torch.empty(slots * split * bb * kc, dtype=x.dtype, device=dev)
+    gend = torch.empty(slots * split * ng, dtype=torch.int32, device=dev)
+    gsum = torch.empty(slots * split * bb * ng, dtype=torch.float32, device=dev)
+    if split > 1:
+        part = torch.empty((split, b, n), dtype=torch.float32, device=dev)
+        locks = _locks(dev, grid_n)
+    else:
+        part = y
+        locks = idx
+    _q4_kernel[(grid_n, split)](
+        x2,
+        x2.stride(0),
+        x2.stride(1),
+        qweight,
+        qweight.stride(0),
+        scales,
+        zeros if zeros is not None else scales,
+        scales.stride(0),
+        t,
+        scale if scale is not None else t,
+        idx,
+        val,
+        gend,
+        gsum,
+        part,
+        locks,
+        y,
+        y.stride(0),
+        b,
+        k,
+        n,
+        k_chunk,
+        n_grp,
+        halves[0],
+        halves[1],
+        halves[2],
+        halves[3],
+        NSEG=len(splits),
+        PAIR=pair,
+        ACT=ACTS[act] if pair else 0,
+        HAS_SCALE=scale is not None,
+        HAS_ZERO=zeros is not None,
+        BB=bb,
+        KC=kc,
+        G=g,
+        NG=ng,
+        BLOCK_H=block_h,
+        ROWS=rows,
+        SPLIT_K=split,
+        USE_DOT=use_dot,
+        F32_DOT=_interpreting() or x.dtype == torch.float32,
+        INTERPRET=_interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return y.reshape(*lead, n_out)
+
+
+def quant_gemv(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None = None,
+    thresholds: Tensor | None = None,
+    splits: tuple[int, ...] | None = None,
+    group_size: int = 0,
+    scale: Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> Tensor:
+    """``sparsify(x) @ W`` for a quantized ``W`` ``[K, N]``, reading only kept rows.
+
+    ``group_size == 0``: int8 (``qweight`` int8 ``[K, N]``, ``scales`` ``[N]``); else int4
+    (``qweight`` uint8 ``[K, N/2]`` packed per segment, ``scales`` / ``zeros``
+    ``[ceil(K/G), N]``).  ``thresholds``: one fp32 per segment on x's device, or None for
+    the dense product.  Other arguments as ``triton_gemv.sparse_gemv_fused``.
+    """
+    n = scales.shape[-1]
+    splits = (n,) if splits is None else tuple(int(s) for s in splits)
+    if group_size == 0:
+        return _launch(x, qweight, thresholds, splits, scale, False, "none", config, scales)
+    return _launch_q4(
+        x, qweight, scales, zeros, thresholds, splits, group_size, scale, False, "none", config
+    )
+
+
+def quant_gate_up_act(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None = None,
+    thresholds: Tensor | None = None,
+    act: str = "silu",
+    group_size: int = 0,
+    scale: Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> Tensor:
+    """``act(x_g @ gate) * (x_u @ up)`` for a quantized ``[gate | up]`` (``N = 2F``)."""
+    if act not in ACTS:
+        raise ValueError(f"unknown activation {act!r}: expected one of {sorted(ACTS)}")
+    n = scales.shape[-1]
+    if n % 2:
+        raise ValueError(f"gate|up needs an even N, got {n}")
+    splits = (n // 2, n // 2)
+    if group_size == 0:
+        return _launch(x, qweight, thresholds, splits, scale, True, act, config, scales)
+    return _launch_q4(
+        x, qweight, scales, zeros, thresholds, splits, group_size, scale, True, act, config
+    )
