@@ -13,7 +13,7 @@ import sys
 
 from teal.errors import TealError
 
-COMMANDS = ("run", "generate", "calibrate", "eval", "bench")
+COMMANDS = ("run", "generate", "calibrate", "eval", "bench", "report", "lm-eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"teal.commands.{name}")
+        module = importlib.import_module(f"teal.commands.{name.replace('-', '_')}")
         module.register(sub)
     return parser
 
@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Pass-through commands (lm-eval) take the arguments they do not know themselves.
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

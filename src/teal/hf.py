@@ -11,6 +11,9 @@ our model fits the same checkpoint loaded with ``transformers`` and the reverse:
 ``fingerprint`` computes the same identity.  ``teal.sparsify`` (``teal/api.py``) is the
 one call on top: calibration file, method and level in, hooks on.
 
+``load_transformers(source)`` builds a ``transformers`` model from anything ``teal.load``
+reads (GGUF files and the default model included) with our loader's weights.
+
 ``InputMajorView`` shows a ``transformers`` model as the few attributes of our
 ``Transformer`` that the sparsity methods read (config, fused input-major weights), so
 ``teal.sparsity.methods.setting_for`` serves both models unchanged.
@@ -19,11 +22,12 @@ one call on top: calibration file, method and level in, hooks on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from teal.errors import UnsupportedModelError
+from teal.errors import TealError, UnsupportedModelError
 from teal.kernels.reference import keep_mask
 from teal.model.build import fingerprint as _fingerprint
 from teal.model.config import ModelConfig
@@ -206,3 +210,35 @@ def _make_cats_hook(t: Tensor, mode: str):
         return torch.where(a.abs() > t, a, torch.zeros((), dtype=a.dtype, device=a.device))
 
     return hook
+
+
+def load_transformers(
+    source: str | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Any, Any]:
+    """A ``transformers`` causal LM and its tokenizer for anything ``teal.load`` reads
+    (the default model, a GGUF file, an HF folder), with our loader's weights: the
+    fingerprint is the same as ``teal.load``'s, so our calibration files fit."""
+    import transformers
+
+    import teal
+    from teal.model.build import hf_state_dict
+
+    ours = teal.load(None if source in ("", "default") else source, dtype=dtype, device="cpu")
+    cfg = transformers.AutoConfig.for_model(**ours.config.to_hf())
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).to(ours.dtype)
+    state = {k: v.contiguous() for k, v in hf_state_dict(ours)}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if ours.config.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise TealError(
+            f"cannot map {ours.source} onto transformers' {type(hf).__name__}: missing"
+            f" {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    hf.tie_weights()
+    hf.name_or_path = hf.config._name_or_path = str(ours.source)
+    tokenizer = ours.tokenizer
+    del ours, state
+    return hf.to(device).eval(), tokenizer
