@@ -209,8 +209,11 @@ def test_run_writes_the_report_folder(env, capsys):
         "4",
         "--method",
         "uniform",
+        "--json",
     )
     assert code == 0, err
+    printed = json.loads(out)  # exactly one object
+    assert printed["out"] == str(out_dir) and printed["files"]["html"].endswith("report.html")
     names = {p.name for p in out_dir.iterdir()}
     assert {
         "results.json",
@@ -222,6 +225,7 @@ def test_run_writes_the_report_folder(env, capsys):
     } <= names
     results = json.loads((out_dir / "results.json").read_text())
     assert set(results) == {"model", "text", "results"} and len(results["results"]) == 6
+    assert printed["results"] == results
     run = json.loads((out_dir / "run.json").read_text())
     assert len(run["samples"]) == 3 * 3 and run["seconds_total"] > 0
     md = (out_dir / "report.md").read_text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import sys
 
 from teal.errors import TealError
@@ -16,10 +17,25 @@ from teal.errors import TealError
 COMMANDS = ("run", "generate", "calibrate", "eval", "bench", "report", "lm-eval")
 
 
+class _OneLineHelp(argparse.HelpFormatter):
+    """Every command and its help on one line: wide enough, and a help column past the
+    longest command name (argparse measures subcommands two columns short)."""
+
+    def __init__(self, prog: str) -> None:
+        width = max(100, shutil.get_terminal_size().columns)
+        super().__init__(prog, max_help_position=24, width=width)
+
+    def add_arguments(self, actions) -> None:  # noqa: ANN001 (argparse's signature)
+        super().add_arguments(actions)
+        self._action_max_length = max(self._action_max_length, 15)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="teal",
         description="Training-free activation sparsity for faster LLM decoding.",
+        epilog="`teal COMMAND --help` shows a command's options.",
+        formatter_class=_OneLineHelp,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -39,7 +39,7 @@ def add_text_arg(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate",
-        help="measure activation statistics of a model on text (the thresholds' source)",
+        help="activation statistics and method tables of a model on text (thresholds' source)",
         description="Run the dense model over calibration text and store the distribution of"
         " |x| at every sparsified site, so any sparsity can be asked later.",
     )

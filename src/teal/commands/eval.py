@@ -69,7 +69,7 @@ def add_eval_args(p: argparse.ArgumentParser, *, max_tokens: int, sparsity: str)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="perplexity against sparsity (decode-like and full protocols)",
+        help="perplexity (both protocols) or task accuracy against sparsity, per method",
         description="Perplexity on the evaluation part of the text at each sparsity, with the"
         " weight-weighted sparsity actually applied reported next to the requested one.",
     )

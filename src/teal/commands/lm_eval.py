@@ -11,7 +11,7 @@ from teal.errors import TealError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lm-eval",
-        help="lm-evaluation-harness with a sparsified model (--model teal; needs the eval extra)",
+        help="lm-evaluation-harness on a sparsified model (--model teal; the eval extra)",
         description="Runs lm-eval's command line with the model type 'teal' registered:"
         " teal lm-eval --model teal --model_args pretrained=PATH,calibration=FILE,"
         "sparsity=0.5,method=greedy-layers --tasks TASKS [--include_path DIR] ..."

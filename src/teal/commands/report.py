@@ -12,7 +12,7 @@ from teal.commands.common import print_json
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
-        help="one HTML + markdown page comparing runs (quality and speed, with plots)",
+        help="one HTML + markdown page comparing runs: quality, speed, plots",
         description="Compare runs side by side: folders written by `teal run` and JSON files"
         " from `teal eval --json` or `teal bench --json/--out` (a folder's *.json are all"
         " read). Writes report.html (self-contained), report.md, the plots as PNG and"

@@ -38,7 +38,7 @@ PROMPTS = (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="calibrate, evaluate and sample the (default) model; write a report folder",
+        help="the whole loop: calibrate, evaluate, sample; write a report folder",
         description="The whole quality loop on one model: calibration, perplexity against"
         " sparsity in both protocols, dense and sparse samples, and a report folder.",
     )
@@ -54,6 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sparse levels shown beside dense in the samples (default 0.4,0.5)",
     )
     p.add_argument("--sample-tokens", default=48, help="new tokens per sample (default 48)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (report files and results) instead of the report path",
+    )
     p.set_defaults(func=main)
 
 
@@ -170,7 +175,14 @@ def main(args: argparse.Namespace) -> int:
             f"  perplexity {r['perplexity']:.2f}"
         )
     log(f"teal run: done in {run['seconds_total']:.0f} s; report in {out}/")
-    print(paths["markdown"])
+    if args.json:
+        from teal.commands.common import print_json
+
+        print_json(
+            {"out": str(out), "files": {k: str(v) for k, v in paths.items()}, "results": obj}
+        )
+    else:
+        print(paths["markdown"])
     return 0
 
 
