@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,10 @@ class Sparsity:
     method: str
     sparsity: float
     mode: str
-    thresholds: Tensor  # [n_layers, 7]: q, k, v, o, gate, up, down
-    max_sparsity: float
-    _model: Any = None
-    _handle: Any = None
+    thresholds: Tensor = field(repr=False)  # [n_layers, 7]: q, k, v, o, gate, up, down
+    max_sparsity: float = 1.0
+    _model: Any = field(default=None, repr=False)
+    _handle: Any = field(default=None, repr=False)
 
     def remove(self) -> None:
         if self._handle is not None:
