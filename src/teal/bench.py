@@ -352,7 +352,7 @@ def bench_decode(
         "device": _device_name(device),
         "model": model_name or model.source,
         "dtype": DTYPE_NAMES.get(model.dtype, str(model.dtype)),
-        "quant": None,
+        "quant": model.quant.label() if getattr(model, "quant", None) else None,
         "method": method,
         "threads": threads,
         "torch": torch.__version__,

@@ -32,6 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default fp32 on CPU)")
     p.add_argument("--sparsity", default="0,0.4,0.5", help="comma list (default 0,0.4,0.5)")
     p.add_argument("--method", default="uniform", help="sparsity method (default uniform)")
+    p.add_argument(
+        "--quant",
+        default=None,
+        choices=("int8", "int4"),
+        help="weight-only quantization of the projections and lm_head (thresholds are"
+        " calibrated before quantizing)",
+    )
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per level (median)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -114,8 +122,20 @@ def main(args: argparse.Namespace) -> int:
     if not sparsities:
         raise TealError("--sparsity needs at least one level, e.g. 0,0.5")
     model, label = load_for_bench(args)
+    thresholds = None
+    if args.quant:
+        from teal.bench import calibration_thresholds
+
+        # Thresholds come from the unquantized model, as for evaluation.
+        levels = [p for p in sparsities if p > 0]
+        thresholds = calibration_thresholds(model, levels, args.method, progress=True)
+        try:
+            model.quantize(args.quant, group_size=args.group_size)
+        except ValueError as exc:
+            raise TealError(f"--quant {args.quant}: {exc}") from None
     result = bench_decode(
         model,
+        thresholds=thresholds,
         device=args.device,
         sparsities=sparsities,
         new_tokens=args.new_tokens,

@@ -144,7 +144,7 @@ def project_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall | None, ac
             thr = sparse.thresholds[4:6] if sparse is not None else None
             scale = sparse.scales.get("mlp_in") if sparse is not None and sparse.scales else None
             return fn(x, wt_gate_up, thr, (ffn, ffn), scale, act)
-    if sparse is not None and sparse.backend != "torch" and sparse.pos_mask is None:
+    elif sparse is not None and sparse.backend != "torch" and sparse.pos_mask is None:
         _, fn = load_backend(sparse.backend)
         scale = sparse.scales.get("mlp_in") if sparse.scales else None
         return fn(x, wt_gate_up, sparse.thresholds[4:6], act, scale)
