@@ -134,13 +134,15 @@ def candidates(fmt, k, n, pair):
 
     for block_n, rows, waves, warps, pre in (
         (512, 16, 2, 4, fmt == "int8"),
-        (1024, 16, 2, 8, False),
-        (256, 32, 4, 4, False),
-        (512, 32, 4, 4, False),
+        (512, 16, 4, 4, fmt == "int8"),
+        (512, 32, 4, 8, False),
+        (256, 32, 4, 4, fmt == "int8"),
+        (256, 32, 8, 4, False),
+        (128, 64, 8, 4, False),
     ):
         if block_n > max(32, 2 * n_eff):
             continue
-        split = split_for(block_n, waves, 128)
+        split = split_for(block_n, waves, 128 if fmt == "int4" else 64)
         out.append(tg.GemvConfig(block_n, rows, split, warps, 1, False, pre))
     return list(dict.fromkeys(out))
 
@@ -219,13 +221,13 @@ def bench_kernels(group):
     return rows
 
 
-def decode(group, new_tokens, repeats, sparsities):
+def decode(group, new_tokens, repeats, sparsities, formats, on_result):
     from teal.bench import bench_decode, calibration_thresholds
     from teal.model.build import random_model
     from teal.model.config import PRESETS
 
     out = []
-    for fmt in ("none", *FORMATS):
+    for fmt in formats:
         model = random_model(PRESETS["llama-3-8b"], dtype=torch.bfloat16, device="cuda")
         model.source = "random llama-3-8b"
         # Thresholds from the unquantized model (random tokens), as for text models.
@@ -252,6 +254,7 @@ def decode(group, new_tokens, repeats, sparsities):
         ]
         log(f"decode {fmt}: " + ", ".join(speeds))
         out.append(obj)
+        on_result(out)
         del model
         torch.cuda.empty_cache()
     return out
@@ -266,6 +269,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-sparsity", default="0,0.5")
+    ap.add_argument("--decode-formats", default="int4,int8", help="none (bf16), int8, int4")
     args = ap.parse_args()
     phases = args.phases.split(",")
     import triton
@@ -294,8 +298,9 @@ def main():
         save("kernels", {**head, "configs": winners, "results": bench_kernels(args.group_size)})
     if "decode" in phases:
         levels = [float(p) for p in args.decode_sparsity.split(",")]
-        objs = decode(args.group_size, args.new_tokens, args.repeats, levels)
-        save("decode", {**head, "runs": objs})
+        formats = args.decode_formats.split(",")
+        decode(args.group_size, args.new_tokens, args.repeats, levels, formats,
+               lambda objs: save("decode", {**head, "runs": objs}))  # fmt: skip
 
 
 if __name__ == "__main__":

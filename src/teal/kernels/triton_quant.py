@@ -88,26 +88,31 @@ def _q4_step(
     idx_ptr,
     val_ptr,
     r,
+    rows,
     hi,
     B,
     acc_lo,
     acc_hi,
     BB: tl.constexpr,
     KC: tl.constexpr,
+    ROWS: tl.constexpr,
     USE_DOT: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
-    """Rows at positions ``r`` of the compacted list (those below ``hi``): both nibbles
-    of the program's bytes, times the inputs, into the group accumulators."""
+    """Rows at positions ``r`` of the compacted list (those below ``hi``; ``rows`` their
+    channels, loaded one step ahead): both nibbles of the program's bytes, times the
+    inputs, into the group accumulators.  Returns them and the next step's channels."""
     rmask = r < hi
-    rows = tl.load(idx_ptr + r, mask=rmask, other=0)
     p = tl.load(
         q_ptr + rows.to(tl.int64)[:, None] * stride_qk + bcols[None, :],
         mask=rmask[:, None] & nmask[None, :],
         other=0,
     ).to(tl.int32)
+    # The next step's row indices go out before this step's math (an L2 hit that would
+    # otherwise sit in front of every weight load).
+    nxt = tl.load(idx_ptr + r + ROWS, mask=r + ROWS < hi, other=0)
     w_lo = _i4f(p & 15)
-    w_hi = _i4f((p >> 4) & 15)
+    w_hi = _i4f(p >> 4)  # a zero-extended byte: no mask needed
     if USE_DOT:
         b = tl.arange(0, BB)
         v = tl.load(
@@ -126,7 +131,7 @@ def _q4_step(
         v = tl.load(val_ptr + r, mask=rmask, other=0.0).to(tl.float32)
         acc_lo += v[:, None] * w_lo
         acc_hi += v[:, None] * w_hi
-    return acc_lo, acc_hi
+    return acc_lo, acc_hi, nxt
 
 
 @triton.jit
@@ -191,17 +196,18 @@ def _walk_q4(
             z_hi = tl.full((BLOCK_H,), 8.0, tl.float32)
         g_lo = tl.zeros_like(acc_lo)
         g_hi = tl.zeros_like(acc_hi)
+        rows = tl.load(idx_ptr + lo + offs_r, mask=lo + offs_r < hi, other=0)
         if INTERPRET:
             for j in range(0, G, ROWS):
-                g_lo, g_hi = _q4_step(
-                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, lo + j + offs_r, hi, B,
-                    g_lo, g_hi, BB, KC, USE_DOT, F32_DOT,
+                g_lo, g_hi, rows = _q4_step(
+                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, lo + j + offs_r, rows, hi,
+                    B, g_lo, g_hi, BB, KC, ROWS, USE_DOT, F32_DOT,
                 )  # fmt: skip
         else:
             for j in range(lo, hi, ROWS):
-                g_lo, g_hi = _q4_step(
-                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, j + offs_r, hi, B,
-                    g_lo, g_hi, BB, KC, USE_DOT, F32_DOT,
+                g_lo, g_hi, rows = _q4_step(
+                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, j + offs_r, rows, hi,
+                    B, g_lo, g_hi, BB, KC, ROWS, USE_DOT, F32_DOT,
                 )  # fmt: skip
         # (q - z) * s summed with x: s * sum(x q) - s * z * sum(x).
         if USE_DOT:
