@@ -133,10 +133,11 @@ def candidates(fmt, k, n, pair):
         return max(1, min(-(-waves * 132 // blocks), -(-k // min_rows)))
 
     for block_n, rows, waves, warps, pre in (
-        (512, 16, 2, 4, fmt == "int8"),
-        (512, 16, 4, 4, fmt == "int8"),
+        (512, 16, 2, 4, True),
+        (512, 16, 4, 4, True),
+        (512, 16, 4, 4, False),
         (512, 32, 4, 8, False),
-        (256, 32, 4, 4, fmt == "int8"),
+        (256, 32, 4, 4, True),
         (256, 32, 8, 4, False),
         (128, 64, 8, 4, False),
     ):

@@ -143,6 +143,22 @@ def test_quant_gemv_matches_reference(fmt, k, splits, g, p, b, dtype):
         assert (y == 0).all()
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_int4_walk_configs_match_reference(prefetch):
+    """Several chunks of several groups, double-buffered walk or not."""
+    tq = _tq()
+    from teal.kernels.triton_gemv import GemvConfig
+
+    k, splits, dtype = 300, (64, 32), torch.bfloat16
+    qw = _quantized("int4", k, splits, dtype, 32, seed=9)
+    x = _x(1, k, dtype, seed=10, strided=False)
+    t = _thresholds(x, 0.4, len(splits))
+    cfg = GemvConfig(64, 16, 2, 4, 1, False, prefetch)
+    y = tq.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, t, splits, 32, None, cfg)
+    r = ref.sparse_linear_fused(x, qw.dequantize(torch.float32), t.cpu(), splits)
+    _check(y, r.to(y.device), dtype)
+
+
 @pytest.mark.parametrize("fmt,g,zero_point", [("int8", 0, False), ("int4", 32, False)])
 def test_quant_gate_up_act_and_scores_match_reference(fmt, g, zero_point):
     tq = _tq()

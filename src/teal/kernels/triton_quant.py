@@ -80,37 +80,37 @@ def _compact_groups(
 
 
 @triton.jit
-def _q4_step(
-    q_ptr,
-    stride_qk,
-    bcols,
-    nmask,
-    idx_ptr,
+def _q4_load(q_ptr, stride_qk, bcols, nmask, idx_ptr, r, rows, hi, ROWS: tl.constexpr):
+    """The program's bytes of the kept rows at positions ``r`` of the compacted list
+    (those below ``hi``; ``rows`` their channels, loaded a step ahead), and the channels
+    of the step after: that index load (an L2 hit) then never sits in front of a weight
+    load."""
+    p = tl.load(
+        q_ptr + rows.to(tl.int64)[:, None] * stride_qk + bcols[None, :],
+        mask=(r < hi)[:, None] & nmask[None, :],
+        other=0,
+    )
+    nxt = tl.load(idx_ptr + r + ROWS, mask=r + ROWS < hi, other=0)
+    return p, nxt
+
+
+@triton.jit
+def _q4_math(
+    p,
     val_ptr,
     r,
-    rows,
     hi,
     B,
     acc_lo,
     acc_hi,
     BB: tl.constexpr,
     KC: tl.constexpr,
-    ROWS: tl.constexpr,
     USE_DOT: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
-    """Rows at positions ``r`` of the compacted list (those below ``hi``; ``rows`` their
-    channels, loaded one step ahead): both nibbles of the program's bytes, times the
-    inputs, into the group accumulators.  Returns them and the next step's channels."""
+    """Both nibbles of the loaded bytes ``p`` times the inputs, into the accumulators."""
     rmask = r < hi
-    p = tl.load(
-        q_ptr + rows.to(tl.int64)[:, None] * stride_qk + bcols[None, :],
-        mask=rmask[:, None] & nmask[None, :],
-        other=0,
-    ).to(tl.int32)
-    # The next step's row indices go out before this step's math (an L2 hit that would
-    # otherwise sit in front of every weight load).
-    nxt = tl.load(idx_ptr + r + ROWS, mask=r + ROWS < hi, other=0)
+    p = p.to(tl.int32)
     w_lo = _i4f(p & 15)
     w_hi = _i4f(p >> 4)  # a zero-extended byte: no mask needed
     if USE_DOT:
@@ -131,7 +131,7 @@ def _q4_step(
         v = tl.load(val_ptr + r, mask=rmask, other=0.0).to(tl.float32)
         acc_lo += v[:, None] * w_lo
         acc_hi += v[:, None] * w_hi
-    return acc_lo, acc_hi, nxt
+    return acc_lo, acc_hi
 
 
 @triton.jit
@@ -161,6 +161,7 @@ def _walk_q4(
     USE_DOT: tl.constexpr,
     F32_DOT: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """The chunk's kept rows, group by group; returns the fp32 sums for the low-nibble
@@ -197,18 +198,41 @@ def _walk_q4(
         g_lo = tl.zeros_like(acc_lo)
         g_hi = tl.zeros_like(acc_hi)
         rows = tl.load(idx_ptr + lo + offs_r, mask=lo + offs_r < hi, other=0)
+        if PREFETCH:
+            # Double buffering: the next step's bytes are in flight during this step's math.
+            p, rows = _q4_load(q_ptr, stride_qk, bcols, nmask, idx_ptr, lo + offs_r, rows, hi, ROWS)
         if INTERPRET:
             for j in range(0, G, ROWS):
-                g_lo, g_hi, rows = _q4_step(
-                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, lo + j + offs_r, rows, hi,
-                    B, g_lo, g_hi, BB, KC, ROWS, USE_DOT, F32_DOT,
-                )  # fmt: skip
+                r = lo + j + offs_r
+                if PREFETCH:
+                    p1, rows = _q4_load(
+                        q_ptr, stride_qk, bcols, nmask, idx_ptr, r + ROWS, rows, hi, ROWS
+                    )
+                    g_lo, g_hi = _q4_math(
+                        p, val_ptr, r, hi, B, g_lo, g_hi, BB, KC, USE_DOT, F32_DOT
+                    )
+                    p = p1
+                else:
+                    p, rows = _q4_load(q_ptr, stride_qk, bcols, nmask, idx_ptr, r, rows, hi, ROWS)
+                    g_lo, g_hi = _q4_math(
+                        p, val_ptr, r, hi, B, g_lo, g_hi, BB, KC, USE_DOT, F32_DOT
+                    )
         else:
             for j in range(lo, hi, ROWS):
-                g_lo, g_hi, rows = _q4_step(
-                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, j + offs_r, rows, hi,
-                    B, g_lo, g_hi, BB, KC, ROWS, USE_DOT, F32_DOT,
-                )  # fmt: skip
+                r = j + offs_r
+                if PREFETCH:
+                    p1, rows = _q4_load(
+                        q_ptr, stride_qk, bcols, nmask, idx_ptr, r + ROWS, rows, hi, ROWS
+                    )
+                    g_lo, g_hi = _q4_math(
+                        p, val_ptr, r, hi, B, g_lo, g_hi, BB, KC, USE_DOT, F32_DOT
+                    )
+                    p = p1
+                else:
+                    p, rows = _q4_load(q_ptr, stride_qk, bcols, nmask, idx_ptr, r, rows, hi, ROWS)
+                    g_lo, g_hi = _q4_math(
+                        p, val_ptr, r, hi, B, g_lo, g_hi, BB, KC, USE_DOT, F32_DOT
+                    )
         # (q - z) * s summed with x: s * sum(x q) - s * z * sum(x).
         if USE_DOT:
             xs = tl.load(gsum_ptr + b * NG + gi, mask=b < B, other=0.0)
@@ -280,6 +304,7 @@ def _q4_kernel(
     SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     F32_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """Grid ``(byte blocks, split_k)``.  ``H*`` are the segments' packed widths (half their
@@ -321,13 +346,13 @@ def _q4_kernel(
             q_ptr, stride_qk, o, nmask, sc_ptr, z_ptr, stride_s, c_lo, c_hi,
             idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, gend_ptr + slot0 * NG,
             gsum_ptr + slot0 * BB * NG, g0, n_grp, B,
-            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, INTERPRET,
+            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, PREFETCH, INTERPRET,
         )  # fmt: skip
         b_lo, b_hi = _walk_q4(
             q_ptr, stride_qk, H0 + o, nmask, sc_ptr, z_ptr, stride_s, u_lo, u_hi,
             idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, gend_ptr + slot1 * NG,
             gsum_ptr + slot1 * BB * NG, g0, n_grp, B,
-            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, INTERPRET,
+            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, PREFETCH, INTERPRET,
         )  # fmt: skip
     else:
         nb0 = tl.cdiv(H0, BLOCK_H)
@@ -373,7 +398,7 @@ def _q4_kernel(
             q_ptr, stride_qk, bcol0 + o, nmask, sc_ptr, z_ptr, stride_s, c_lo, c_hi,
             idx_ptr + slot * KC, val_ptr + slot * BB * KC, gend_ptr + slot * NG,
             gsum_ptr + slot * BB * NG, g0, n_grp, B,
-            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, INTERPRET,
+            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, PREFETCH, INTERPRET,
         )  # fmt: skip
         b_lo = a_lo  # unused
         b_hi = a_hi
@@ -549,6 +574,7 @@ def _launch_q4(
         SPLIT_K=split,
         USE_DOT=use_dot,
         F32_DOT=_interpreting() or x.dtype == torch.float32,
+        PREFETCH=cfg.prefetch and not use_dot,
         INTERPRET=_interpreting(),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
