@@ -41,6 +41,7 @@ CASES = {
 }
 P_LIST = [0.0, 0.25, 0.5, 0.65, 0.8]
 FORMATS = ("int8", "int4")
+CHECKS: list[dict] = []  # every tuning candidate against the reference (p = 0.5)
 
 
 def log(msg):
@@ -156,9 +157,18 @@ def tune(group):
             k, splits, pair = CASES[name]
             n = sum(splits)
             qw, _, x, _, _ = make(name, fmt, group)
+            t_half = thresholds(x, 0.5, len(splits))
+            want = reference(qw, x, t_half, splits, pair).float()
             res = []
             for cfg in candidates(fmt, k, n, pair):
                 try:
+                    # Every candidate must match the reference before it is timed.
+                    got = call(qw, x, t_half, splits, pair, cfg)().float()
+                    err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+                    CHECKS.append({"format": fmt, "case": name, **cfg.__dict__, "rel_err": err})
+                    if not err < 2e-2:
+                        log(f"tune {fmt} {name} {cfg}: wrong (rel err {err:.2e}), skipped")
+                        continue
                     us = 0.0
                     for p in (0.0, 0.5):
                         t = thresholds(x, p, len(splits))
@@ -296,7 +306,8 @@ def main():
         save("check", {**head, "all_ok": all(r["ok"] for r in rows), "results": rows})
     winners = tune(args.group_size) if "tune" in phases else {}
     if "kernels" in phases:
-        save("kernels", {**head, "configs": winners, "results": bench_kernels(args.group_size)})
+        rows = bench_kernels(args.group_size)
+        save("kernels", {**head, "configs": winners, "candidate_checks": CHECKS, "results": rows})
     if "decode" in phases:
         levels = [float(p) for p in args.decode_sparsity.split(",")]
         formats = args.decode_formats.split(",")
