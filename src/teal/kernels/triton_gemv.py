@@ -607,18 +607,19 @@ def _heuristic(k: int, n: int, pair: bool, b: int, device: torch.device) -> Gemv
 # Quantized weights (kernels/triton_quant.py): key (K, N, pair, batch bucket, format),
 # format "int8" or "int4" (block_n counts output columns: int4 reads block_n / 2 bytes
 # of each kept row).  Winners of the small search in benchmarks/bench_quant.py on one
-# H200, 2026-12-01 (least time at p = 0 plus p = 0.5; Llama-3-8B shapes, int4 g128).
+# H200, 2026-12-01 (least time at p = 0 plus p = 0.5; Llama-3-8B shapes, int4 g128;
+# benchmarks/results/quant-kernels-h200-2026-12-01-run3.json).
 _QTABLE: dict[tuple[int, int, bool, int, str], GemvConfig] = {
     (4096, 6144, False, 1, "int8"): GemvConfig(256, 32, 22, 4, 1, False, True),
     (4096, 4096, False, 1, "int8"): GemvConfig(512, 16, 33, 4, 1, False, True),
     (4096, 28672, True, 1, "int8"): GemvConfig(512, 16, 10, 4, 1, False, True),
     (14336, 4096, False, 1, "int8"): GemvConfig(512, 16, 33, 4, 1, False, True),
     (4096, 128256, False, 1, "int8"): GemvConfig(512, 16, 3, 4, 1, False, True),
-    (4096, 6144, False, 1, "int4"): GemvConfig(512, 16, 32, 4, 1, False, False),
-    (4096, 4096, False, 1, "int4"): GemvConfig(512, 16, 32, 4, 1, False, False),
-    (4096, 28672, True, 1, "int4"): GemvConfig(512, 16, 10, 4, 1, False, False),
-    (14336, 4096, False, 1, "int4"): GemvConfig(512, 16, 33, 4, 1, False, False),
-    (4096, 128256, False, 1, "int4"): GemvConfig(512, 16, 2, 4, 1, False, False),
+    (4096, 6144, False, 1, "int4"): GemvConfig(512, 16, 32, 4, 1, False, True),
+    (4096, 4096, False, 1, "int4"): GemvConfig(512, 16, 32, 4, 1, False, True),
+    (4096, 28672, True, 1, "int4"): GemvConfig(512, 16, 10, 4, 1, False, True),
+    (14336, 4096, False, 1, "int4"): GemvConfig(512, 16, 33, 4, 1, False, True),
+    (4096, 128256, False, 1, "int4"): GemvConfig(512, 16, 2, 4, 1, False, True),
 }
 
 
