@@ -167,3 +167,60 @@ def test_evaluate_runs_every_method(setup) -> None:
         )
         model.clear_sparsity()
         assert all(r.perplexity > 1 and r.method == method for r in res)
+
+
+def test_auto_picks_the_candidate_with_least_held_out_kl(setup) -> None:
+    """``auto`` uses one of its candidates' settings at each level, the one whose KL
+    measured on the held-out calibration tokens is least."""
+    from teal.sparsity.methods import SELECT_CANDIDATES
+    from teal.sparsity.tables import SELECT_GRID, method_kl
+
+    model, cal, toks = setup
+    kl = cal.tables["select.kl"]
+    assert kl.shape == (len(SELECT_CANDIDATES), len(SELECT_GRID))
+    assert bool(torch.isfinite(kl[0]).all()) and bool((kl[0] > 0).all())
+    assert bool((kl[0].diff() > 0).all())  # uniform's KL grows with sparsity
+    window = min(allocate.HELD_OUT_WINDOW, model.config.max_seq_len)
+    ids = allocate.held_out_windows(toks[2000 : 2000 + allocate.HELD_OUT_TOKENS], window, None)
+    again = method_kl(model, cal, ids, (0.5,), progress=False)
+    for p in (0.25, 0.5):
+        s = setting_for(cal, "auto", p, model)
+        assert s.method == "auto" and s.chosen in SELECT_CANDIDATES
+        assert torch.equal(s.thresholds, setting_for(cal, s.chosen, p, model).thresholds)
+    # At a grid level the choice is the argmin of a fresh measurement on the same tokens.
+    j = SELECT_GRID.index(0.5)
+    assert torch.allclose(again[:, 0], kl[:, j], rtol=1e-4)
+    assert setting_for(cal, "auto", 0.5, model).chosen == SELECT_CANDIDATES[int(kl[:, j].argmin())]
+
+
+def test_select_method_interpolates_and_skips_unreachable() -> None:
+    from types import SimpleNamespace
+
+    from teal.sparsity.methods import select_method
+
+    grid = torch.tensor([0.2, 0.4])
+    # uniform, greedy, greedy-layers: greedy-layers is best at 0.4 but cannot reach 0.2
+    kl = torch.tensor([[0.10, 0.40], [0.05, 0.50], [float("inf"), 0.30]])
+    cal = SimpleNamespace(tables={"select.kl": kl, "select.grid": grid})
+    assert select_method(cal, 0.1) == "greedy"  # half of each first value
+    assert select_method(cal, 0.2) == "greedy"
+    assert select_method(cal, 0.3) == "uniform"  # 0.25 < 0.275; greedy-layers is inf
+    assert select_method(cal, 0.4) == "greedy-layers"
+    assert select_method(cal, 0.9) == "greedy-layers"  # past the grid: the last values
+    tie = SimpleNamespace(tables={"select.kl": torch.ones(3, 2), "select.grid": grid})
+    assert select_method(tie, 0.3) == "uniform"
+
+
+def test_add_tables_makes_only_what_is_missing(setup, monkeypatch) -> None:
+    model, cal, toks = setup
+    copy = Calibration(cal.stats, dict(cal.metadata), dict(cal.tables))
+    copy.metadata["tables"] = dict(cal.metadata["tables"])
+    for name in ("select.kl", "select.grid"):
+        copy.tables.pop(name)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the greedy search ran again")
+
+    monkeypatch.setattr(allocate, "greedy_tables", no_search)
+    add_tables(model, copy, toks[:2000], toks[2000:], kinds=("greedy", "select"), progress=False)
+    assert torch.allclose(copy.tables["select.kl"], cal.tables["select.kl"], rtol=1e-4)

@@ -12,6 +12,10 @@ method tables stored in it (``teal.sparsity.tables``).
 * ``weight-informed``: every projection at level ``p`` of the score ``|x_i| * ||W[:, i]||``.
 * ``cats``: only ``act(gate)`` thresholded, skipping up rows and down columns; reaches
   at most the up+down share of the weights.
+* ``auto``: at each requested level, whichever of ``uniform``, ``greedy`` and
+  ``greedy-layers`` moved the model's next-token distribution least (KL from dense,
+  every position sparse) on the held-out calibration tokens (``select.*`` tables).
+  Uniform is a candidate, so on calibration text ``auto`` is never worse than it.
 
 The requested sparsity is always weight-weighted: the share of projection weights
 whose input is dropped.
@@ -19,6 +23,7 @@ whose input is dropped.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +34,9 @@ from teal.sparsity import allocate
 from teal.sparsity.artifact import Calibration
 from teal.sparsity.stats import check_sparsity
 
-METHODS = ("uniform", "greedy", "greedy-layers", "weight-informed", "cats")
+METHODS = ("uniform", "greedy", "greedy-layers", "weight-informed", "cats", "auto")
+# What ``auto`` chooses from (the methods whose score is plain |x|: no scales).
+SELECT_CANDIDATES = ("uniform", "greedy", "greedy-layers")
 # The method the commands use unless told otherwise: the best measured on the default
 # model (README, "Methods compared").
 DEFAULT_METHOD = "greedy-layers"
@@ -46,6 +53,7 @@ class Setting:
     scales: list[dict[str, Tensor]] | None = None
     reachable: bool = True
     max_sparsity: float = 1.0  # the most this method can reach on this model
+    chosen: str | None = None  # for ``auto``: the method it picked at this level
 
     def apply(self, model, mode: str = "decode") -> None:
         scales = None
@@ -98,6 +106,11 @@ def setting_for(cal: Calibration, method: str, sparsity: float, model=None) -> S
     if method == "uniform" or p == 0:
         return Setting(method, p, stats.thresholds(p))
     _need_tables(cal, method)
+    if method == "auto":
+        choice = select_method(cal, p)
+        inner = setting_for(cal, choice, p, model)
+        inner.method, inner.chosen = "auto", choice
+        return inner
     from teal.sparsity import tables
 
     if method in ("greedy", "greedy-layers"):
@@ -133,6 +146,32 @@ def setting_for(cal: Calibration, method: str, sparsity: float, model=None) -> S
     # keeps every nonzero input (the zeros CATS makes at mlp-mid are skipped by down).
     thr[:, 4] = tables.cats_stats(cal).site_thresholds(level)[:, 3]
     return Setting(method, p, thr, cats_scales(model), True, max_s)
+
+
+def select_method(cal: Calibration, sparsity: float) -> str:
+    """The candidate with the least held-out KL at ``sparsity`` (linear between the
+    levels it was measured at, from zero KL at sparsity 0); ties go to the earlier
+    candidate, uniform first."""
+    kl = cal.tables["select.kl"].double().tolist()
+    # The grid is stored in fp32: round it back to the levels it was measured at.
+    xs = [0.0, *(round(v, 6) for v in cal.tables["select.grid"].double().tolist())]
+    best, best_kl = SELECT_CANDIDATES[0], math.inf
+    for name, row in zip(SELECT_CANDIDATES, kl, strict=True):
+        value = _interp(xs, [0.0, *row], sparsity)
+        if value < best_kl:
+            best, best_kl = name, value
+    return best
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    if x >= xs[-1]:
+        return ys[-1]
+    j = next(i for i in range(1, len(xs)) if xs[i] >= x)
+    w = (x - xs[j - 1]) / (xs[j] - xs[j - 1])
+    a, b = ys[j - 1], ys[j]
+    if (w > 0 and math.isinf(b)) or (w < 1 and math.isinf(a)):
+        return math.inf
+    return a if w == 0 else b if w == 1 else a + (b - a) * w
 
 
 def thresholds_for(cal: Calibration, method: str, sparsity: float) -> Tensor:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from teal.sparsity import allocate
@@ -24,7 +25,10 @@ TABLES_VERSION = 1
 KINDS = {
     "greedy": ("greedy.levels", "greedy.error", "greedy.block_sparsity", "greedy.sensitivity"),
     "scores": ("wi.counts", "wi.bin_lo", "cats.counts", "cats.bin_lo"),
+    # auto: held-out KL of each candidate method at a grid of levels (needs greedy).
+    "select": ("select.kl", "select.grid"),
 }
+SELECT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 NAMES = KINDS["greedy"] + KINDS["scores"]
 
 
@@ -33,6 +37,8 @@ def kinds_for(methods) -> tuple[str, ...]:
     for m in methods:
         if m in ("greedy", "greedy-layers"):
             need.add("greedy")
+        elif m == "auto":
+            need.update(("greedy", "select"))
         elif m in ("weight-informed", "cats"):
             need.add("scores")
     return tuple(k for k in KINDS if k in need)
@@ -69,6 +75,11 @@ def add_tables(
         meta = {"method": TABLES_METHOD, "version": TABLES_VERSION}
         for name in NAMES:
             cal.tables.pop(name, None)
+    # Only what is missing is made (a file with greedy tables gains the select ones
+    # without the greedy search running again).
+    kinds = tuple(k for k in KINDS if k in kinds and not all(n in cal.tables for n in KINDS[k]))
+    if "select" in kinds and "greedy" not in kinds and "greedy.levels" not in cal.tables:
+        kinds = ("greedy", *kinds)
     if "scores" in kinds:
         start = time.perf_counter()
         wi, cats = collect_score_stats(
@@ -93,8 +104,50 @@ def add_tables(
             greedy_delta=allocate.DELTA,
             seconds_greedy=round(time.perf_counter() - start, 1),
         )
+    if "select" in kinds:
+        start = time.perf_counter()
+        cal.metadata["tables"] = meta  # setting_for checks the tables' identity
+        window = min(allocate.HELD_OUT_WINDOW, model.config.max_seq_len)
+        ids = allocate.held_out_windows(held_out[: allocate.HELD_OUT_TOKENS], window, bos)
+        cal.tables["select.kl"] = method_kl(model, cal, ids, SELECT_GRID, progress=progress)
+        cal.tables["select.grid"] = torch.tensor(SELECT_GRID, dtype=torch.float32)
+        meta["seconds_select"] = round(time.perf_counter() - start, 1)
     cal.metadata["tables"] = meta
     return cal
+
+
+@torch.inference_mode()
+def method_kl(model, cal: Calibration, ids: Tensor, grid, *, progress: bool = True) -> Tensor:
+    """``[candidates, levels]``: mean KL(dense || sparse) of the next-token distribution
+    over ``ids`` ``[B, T]`` with every position sparse, for each ``auto`` candidate at
+    each level (inf where a method cannot reach the level).  The model's sparsity
+    setting is cleared afterwards."""
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from teal.sparsity.methods import SELECT_CANDIDATES, setting_for
+
+    ids = ids.to(model.device)
+    backend = model.sparse_backend
+    model.clear_sparsity()
+    dense = F.log_softmax(model(ids).float(), dim=-1)
+    out = torch.full((len(SELECT_CANDIDATES), len(grid)), float("inf"))
+    bar = tqdm(total=out.numel(), desc="method selection", disable=not progress, file=sys.stderr)
+    try:
+        model.set_backend("torch")
+        for i, name in enumerate(SELECT_CANDIDATES):
+            for j, p in enumerate(grid):
+                setting = setting_for(cal, name, p, model)
+                if setting.reachable:
+                    setting.apply(model, mode="all")
+                    lp = F.log_softmax(model(ids).float(), dim=-1)
+                    out[i, j] = float((dense.exp() * (dense - lp)).sum(-1).mean())
+                bar.update(1)
+    finally:
+        bar.close()
+        model.clear_sparsity()
+        model.set_backend(backend)
+    return out
 
 
 def add_tables_from_text(
