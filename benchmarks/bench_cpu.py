@@ -91,30 +91,31 @@ def write_dequantized_gguf(src: Path, dst: Path, ftype: str) -> Path:
 
 def llama_cpp_decode(path: Path, prompt: list[int], new_tokens: int, threads: int, repeats: int):
     """Greedy decode tokens/s of llama.cpp on ``path``: prefill, then ``new_tokens - 1``
-    one-token steps, each choosing the argmax of the logits (as ours)."""
-    import numpy as np
+    one-token steps, greedy (top-k 1 in llama.cpp's own sampler, as ours takes the
+    argmax); the clock starts when the first token is out (prefill excluded)."""
     from llama_cpp import Llama
 
+    n_ctx = len(prompt) + new_tokens + 8
     llm = Llama(
         model_path=str(path),
-        n_ctx=len(prompt) + new_tokens + 8,
-        n_batch=512,
+        n_ctx=n_ctx,
+        n_batch=min(512, n_ctx),
         n_threads=threads,
         n_threads_batch=threads,
         verbose=False,
     )
 
     def run() -> tuple[float, list[int]]:
-        llm.reset()
-        llm.eval(prompt)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out = [tok]
+        # Llama.generate, not Llama.eval + scores: in 0.3.36 the latter leaves the scores
+        # unwritten (all tokens 0) or, with n_batch > n_ctx, crashes.
+        steps = llm.generate(list(prompt), top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0)
+        out = [next(steps)]
         t0 = time.perf_counter()
         for _ in range(new_tokens - 1):
-            llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            out.append(tok)
-        return (new_tokens - 1) / (time.perf_counter() - t0), out
+            out.append(next(steps))
+        seconds = time.perf_counter() - t0
+        steps.close()
+        return (new_tokens - 1) / seconds, [int(t) for t in out]
 
     run()  # warm-up
     runs, tokens = [], []
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--llama-build-seconds", type=float, default=None, help="recorded as given")
+    ap.add_argument("--llama-build", default=None, help="how llama-cpp-python was built (recorded)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -190,7 +192,7 @@ def main() -> None:
                 rows.append(r)
         result["llama_cpp"] = {
             "package": f"llama-cpp-python=={llama_cpp.__version__}",
-            "build": "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON'",
+            "build": args.llama_build,
             "build_seconds": args.llama_build_seconds,
             "results": rows,
         }
