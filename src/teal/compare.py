@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from teal.errors import TealError
-from teal.report import _atomic_write, _md_table
+from teal.report import _md_table, atomic_write, log_scale_if_wide, save_figure
 
 
 @dataclass
@@ -214,26 +214,6 @@ def runs_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 # ----------------------------------------------------------------------------- plots
 
 
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _log_if_wide(ax: Any, values: list[float]) -> None:
-    if values and min(values) > 0 and max(values) > 3 * min(values):
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
-
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_locator(NullLocator())
-
-
 def plot_quality(runs: list[Run], path: Path) -> bool:
     """Perplexity against requested sparsity, one panel per protocol, one line per run
     and method."""
@@ -263,13 +243,13 @@ def plot_quality(runs: list[Run], path: Path) -> bool:
                     xs, ys = zip(*pts)
                     ax.plot([100 * x for x in xs], ys, marker="o", label=f"{run.label}: {m}")
                     values += ys
-        _log_if_wide(ax, values)
+        log_scale_if_wide(ax, values)
         ax.set_title(f"perplexity, {proto} protocol", fontsize=10)
         ax.set_xlabel("requested sparsity (%)")
         ax.set_ylabel("perplexity" + (" (log scale)" if ax.get_yscale() == "log" else ""))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -306,7 +286,7 @@ def plot_speed(runs: list[Run], path: Path) -> bool:
         ax.set_xlabel("requested sparsity (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -334,7 +314,7 @@ def plot_tasks(runs: list[Run], path: Path) -> bool:
     ax.set_ylabel("accuracy")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -434,9 +414,9 @@ def write_comparison(paths: list[str | os.PathLike], out_dir: str | os.PathLike)
             for r in runs
         ],
     }  # fmt: skip
-    _atomic_write(files["json"], (json.dumps(data, indent=1) + "\n").encode())
-    _atomic_write(files["markdown"], markdown(runs, sections, plots, date).encode())
-    _atomic_write(files["html"], html_page(runs, sections, plots, date).encode())
+    atomic_write(files["json"], (json.dumps(data, indent=1) + "\n").encode())
+    atomic_write(files["markdown"], markdown(runs, sections, plots, date).encode())
+    atomic_write(files["html"], html_page(runs, sections, plots, date).encode())
     return {
         **{k: str(v) for k, v in files.items()},
         "plots": [str(p) for p in plots.values()],

@@ -12,10 +12,37 @@ from pathlib import Path
 from typing import Any
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def log_scale_if_wide(ax: Any, values: list[float]) -> bool:
+    """A log y axis when the values span more than 3x (perplexity explodes at high
+    sparsity; a log axis keeps the low end readable), labelled with plain numbers at
+    1, 2, 5 x 10^k rather than matplotlib's 2 x 10^1.  Returns whether it did."""
+    if not values or min(values) <= 0 or max(values) <= 3 * min(values):
+        return False
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    return True
 
 
 def _rows(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -59,16 +86,7 @@ def plot_perplexity(results: dict[str, Any], path: Path) -> None:
                 fontsize=7,
                 color=color,
             )
-    ys_all = [r["perplexity"] for r in results["results"]]
-    if ys_all and max(ys_all) > 3 * min(ys_all):
-        # Perplexity explodes at high sparsity: a log axis keeps the low end readable.
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
-
-        ax.set_yscale("log")
-        # Plain numbers at 1, 2, 5 x 10^k rather than matplotlib's 2 x 10^1 labels.
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_locator(NullLocator())
+    if log_scale_if_wide(ax, [r["perplexity"] for r in results["results"]]):
         ax.set_ylabel("perplexity (log scale)")
     else:
         ax.set_ylabel("perplexity")
@@ -76,11 +94,7 @@ def plot_perplexity(results: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{Path(str(results['model'])).name}\n{results['text']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(title="protocol")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -231,9 +245,9 @@ def write_report(
         "markdown": out / "report.md",
         "html": out / "report.html",
     }
-    _atomic_write(paths["results"], (json.dumps(results, indent=2) + "\n").encode())
-    _atomic_write(paths["run"], (json.dumps(run, indent=2) + "\n").encode())
+    atomic_write(paths["results"], (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write(paths["run"], (json.dumps(run, indent=2) + "\n").encode())
     plot_perplexity(results, paths["plot"])
-    _atomic_write(paths["markdown"], markdown(results, run).encode())
-    _atomic_write(paths["html"], html_page(results, run, paths["plot"]).encode())
+    atomic_write(paths["markdown"], markdown(results, run).encode())
+    atomic_write(paths["html"], html_page(results, run, paths["plot"]).encode())
     return paths

@@ -147,9 +147,9 @@ def main(args: argparse.Namespace) -> int:
     )
     result["command"] = " ".join(["teal", *sys.argv[1:]]) if sys.argv else "teal bench"
     if args.out:
-        from teal.report import _atomic_write
+        from teal.report import atomic_write
 
-        _atomic_write(Path(args.out), (json.dumps(result, indent=1) + "\n").encode())
+        atomic_write(Path(args.out), (json.dumps(result, indent=1) + "\n").encode())
     if args.json:
         print_json(result)
     else:
