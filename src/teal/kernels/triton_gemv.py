@@ -282,6 +282,39 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _segment(pid_n, W0, W1, W2, W3, NSEG: tl.constexpr, BLOCK: tl.constexpr):
+    """Which of up to four concatenated output segments (widths ``W0..W3``) output
+    block ``pid_n`` lies in: ``(segment, block within it, its first column, its
+    width)``.  Scalar arithmetic, no branches; a block never spans two segments."""
+    nb0 = tl.cdiv(W0, BLOCK)
+    blk = pid_n
+    seg = pid_n * 0
+    col0 = pid_n * 0
+    width = pid_n * 0 + W0
+    if NSEG > 1:
+        s1 = (pid_n >= nb0).to(tl.int32)
+        seg += s1
+        blk -= s1 * nb0
+        col0 += s1 * W0
+        width += s1 * (W1 - W0)
+    if NSEG > 2:
+        nb1 = tl.cdiv(W1, BLOCK)
+        s2 = (pid_n >= nb0 + nb1).to(tl.int32)
+        seg += s2
+        blk -= s2 * nb1
+        col0 += s2 * W1
+        width += s2 * (W2 - W1)
+    if NSEG > 3:
+        nb2 = tl.cdiv(W2, BLOCK)
+        s3 = (pid_n >= nb0 + nb1 + nb2).to(tl.int32)
+        seg += s3
+        blk -= s3 * nb2
+        col0 += s3 * W2
+        width += s3 * (W3 - W2)
+    return seg, blk, col0, width
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr,
     stride_xb,
@@ -392,32 +425,7 @@ def _sparse_gemv_kernel(
             INTERPRET,
         )
     else:
-        # Which segment does this block belong to? Scalar arithmetic, no branches.
-        nb0 = tl.cdiv(W0, BLOCK_N)
-        blk = pid_n
-        seg = pid_n * 0
-        col0 = pid_n * 0
-        width = pid_n * 0 + W0
-        if NSEG > 1:
-            s1 = (pid_n >= nb0).to(tl.int32)
-            seg += s1
-            blk -= s1 * nb0
-            col0 += s1 * W0
-            width += s1 * (W1 - W0)
-        if NSEG > 2:
-            nb1 = tl.cdiv(W1, BLOCK_N)
-            s2 = (pid_n >= nb0 + nb1).to(tl.int32)
-            seg += s2
-            blk -= s2 * nb1
-            col0 += s2 * W1
-            width += s2 * (W2 - W1)
-        if NSEG > 3:
-            nb2 = tl.cdiv(W2, BLOCK_N)
-            s3 = (pid_n >= nb0 + nb1 + nb2).to(tl.int32)
-            seg += s3
-            blk -= s3 * nb2
-            col0 += s3 * W2
-            width += s3 * (W3 - W2)
+        seg, blk, col0, width = _segment(pid_n, W0, W1, W2, W3, NSEG, BLOCK_N)
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < width
         cols = col0 + offs_n

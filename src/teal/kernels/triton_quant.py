@@ -38,6 +38,7 @@ from teal.kernels.triton_gemv import (
     _locks,
     _round,
     _scores,
+    _segment,
     get_config,
 )
 
@@ -355,31 +356,7 @@ def _q4_kernel(
             BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, PREFETCH, INTERPRET,
         )  # fmt: skip
     else:
-        nb0 = tl.cdiv(H0, BLOCK_H)
-        blk = pid_n
-        seg = pid_n * 0
-        bcol0 = pid_n * 0
-        half = pid_n * 0 + H0
-        if NSEG > 1:
-            s1 = (pid_n >= nb0).to(tl.int32)
-            seg += s1
-            blk -= s1 * nb0
-            bcol0 += s1 * H0
-            half += s1 * (H1 - H0)
-        if NSEG > 2:
-            nb1 = tl.cdiv(H1, BLOCK_H)
-            s2 = (pid_n >= nb0 + nb1).to(tl.int32)
-            seg += s2
-            blk -= s2 * nb1
-            bcol0 += s2 * H1
-            half += s2 * (H2 - H1)
-        if NSEG > 3:
-            nb2 = tl.cdiv(H2, BLOCK_H)
-            s3 = (pid_n >= nb0 + nb1 + nb2).to(tl.int32)
-            seg += s3
-            blk -= s3 * nb2
-            bcol0 += s3 * H2
-            half += s3 * (H3 - H2)
+        seg, blk, bcol0, half = _segment(pid_n, H0, H1, H2, H3, NSEG, BLOCK_H)
         o = blk * BLOCK_H + offs
         nmask = o < half
         c_lo = 2 * bcol0 + o
