@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from bench_kernels import bench_graph
 from teal.kernels import reference as ref
 from teal.kernels import triton_gemv as tg
 from teal.kernels import triton_quant as tq
@@ -49,20 +50,8 @@ def log(msg):
 
 
 def time_graph(fn, rep_ms=60):
-    from triton.testing import do_bench
-
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return do_bench(g.replay, warmup=5, rep=rep_ms, return_mode="median") * 1e3
+    """Median microseconds of one CUDA-graph replay of ``fn`` (bench_kernels.bench_graph)."""
+    return bench_graph(fn, rep_ms)[0]
 
 
 def make(name, fmt, group, seed=0):

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 import importlib  # noqa: E402
 
+from helpers_kernels import check_close  # noqa: E402
 from teal.kernels import reference as ref  # noqa: E402
 from teal.kernels import triton_gemv as tg  # noqa: E402
 
@@ -64,16 +65,6 @@ def _tensor(ts):
     return torch.tensor(ts, dtype=torch.float32, device=DEVICE).reshape(-1)
 
 
-def _check(y, r, dtype):
-    assert y.shape == r.shape and y.dtype == r.dtype
-    y, r = y.float().cpu(), r.float().cpu()
-    assert torch.isfinite(y).all()
-    # fp32 accumulation in another order, then one rounding to the output dtype.
-    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-    mag = max(r.abs().max().item(), 1e-3)
-    torch.testing.assert_close(y, r, rtol=tol, atol=tol * mag)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("p", SPARSITY)
@@ -83,7 +74,7 @@ def test_sparse_gemv(dtype, k, n, p, b):
     x, wt, s = _inputs(b, k, n, dtype, seed=k * n + b, scale=use_scale)
     t = _tensor(_threshold(x, p, s))
     y = tg.sparse_gemv(x, wt, t, s)
-    _check(y, ref.sparse_linear(x, wt, t, s), dtype)
+    check_close(y, ref.sparse_linear(x, wt, t, s), dtype)
     if p >= 1.0:
         assert (y == 0).all()
 
@@ -98,7 +89,7 @@ def test_sparse_gemv_fused(dtype, splits, b, use_scale):
     ps = [0.0, 0.5, 0.9, 1.0][: len(splits)]
     t = _tensor([_threshold(x, p, s) for p in ps])
     y = tg.sparse_gemv_fused(x, wt, t, splits, s)
-    _check(y, ref.sparse_linear_fused(x, wt, t, splits, s), dtype)
+    check_close(y, ref.sparse_linear_fused(x, wt, t, splits, s), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -109,7 +100,7 @@ def test_sparse_gate_up_act(dtype, act, b):
     x, wt, _ = _inputs(b, k, 2 * f, dtype, seed=f + b)
     t = _tensor([_threshold(x, 0.4), _threshold(x, 0.7)])
     y = tg.sparse_gate_up_act(x, wt, t, act)
-    _check(y, ref.sparse_gate_up_act(x, wt, t, act), dtype)
+    check_close(y, ref.sparse_gate_up_act(x, wt, t, act), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,7 +109,7 @@ def test_gate_up_all_dropped_and_dense(dtype):
     y = tg.sparse_gate_up_act(x, wt, _tensor([1e4, 1e4]), "silu", s)
     assert (y == 0).all()
     t = _tensor([0.0, -1.0])  # |x| > 0 keeps every nonzero input: 0 % sparsity
-    _check(
+    check_close(
         tg.sparse_gate_up_act(x, wt, t, "silu", s),
         ref.sparse_gate_up_act(x, wt, t, "silu", s),
         dtype,
@@ -148,9 +139,9 @@ def test_every_config_path(cfg, dtype):
     x, wt, _ = _inputs(1, 203, 150, dtype, seed=11)
     t = _tensor([_threshold(x, 0.3), _threshold(x, 0.6)])
     y = tg.sparse_gemv_fused(x, wt, t, (100, 50), config=cfg)
-    _check(y, ref.sparse_linear_fused(x, wt, t, (100, 50)), dtype)
+    check_close(y, ref.sparse_linear_fused(x, wt, t, (100, 50)), dtype)
     g = tg.sparse_gate_up_act(x, wt[:, :150], t, "silu", config=cfg)
-    _check(g, ref.sparse_gate_up_act(x, wt[:, :150], t, "silu"), dtype)
+    check_close(g, ref.sparse_gate_up_act(x, wt[:, :150], t, "silu"), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -162,15 +153,15 @@ def test_non_contiguous_and_leading_dims(dtype):
     # A transposed view: x[b, k] lives at stride (1, 3).
     xt = torch.randn(k, 3, generator=g).to(dtype).to(DEVICE).t()
     assert not xt.is_contiguous()
-    _check(tg.sparse_gemv(xt, wt, t), ref.sparse_linear(xt, wt, t), dtype)
+    check_close(tg.sparse_gemv(xt, wt, t), ref.sparse_linear(xt, wt, t), dtype)
     # Every other channel of a wider buffer.
     xs = torch.randn(2, 2 * k, generator=g).to(dtype).to(DEVICE)[:, ::2]
-    _check(tg.sparse_gemv(xs, wt, t), ref.sparse_linear(xs, wt, t), dtype)
+    check_close(tg.sparse_gemv(xs, wt, t), ref.sparse_linear(xs, wt, t), dtype)
     # [batch, seq, K] and a plain vector.
     x3 = torch.randn(2, 2, k, generator=g).to(dtype).to(DEVICE)
-    _check(tg.sparse_gemv(x3, wt, t), ref.sparse_linear(x3, wt, t), dtype)
+    check_close(tg.sparse_gemv(x3, wt, t), ref.sparse_linear(x3, wt, t), dtype)
     x1 = torch.randn(k, generator=g).to(dtype).to(DEVICE)
-    _check(tg.sparse_gemv(x1, wt, t), ref.sparse_linear(x1, wt, t), dtype)
+    check_close(tg.sparse_gemv(x1, wt, t), ref.sparse_linear(x1, wt, t), dtype)
 
 
 def test_batch_rows_keep_their_own_zeros():
@@ -183,8 +174,8 @@ def test_batch_rows_keep_their_own_zeros():
     x[1, 32:] = -2.0
     t = _tensor(0.5)
     y = tg.sparse_gemv(x, wt, t)
-    _check(y, ref.sparse_linear(x, wt, t), torch.float16)
-    _check(y[0], (x[0, :32].float() @ wt[:32].float()).half(), torch.float16)
+    check_close(y, ref.sparse_linear(x, wt, t), torch.float16)
+    check_close(y[0], (x[0, :32].float() @ wt[:32].float()).half(), torch.float16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -198,7 +189,7 @@ def test_threshold_compared_in_activation_dtype(dtype):
     t = _tensor([0.49995, 0.5001])
     y = tg.sparse_gemv_fused(x, wt, t, (12, 12))
     r = ref.sparse_linear_fused(x, wt, t, (12, 12))
-    _check(y, r, dtype)
+    check_close(y, r, dtype)
     assert not ref.keep_mask(x, t[0]).any(dim=0)[::3].any()  # the reference drops them too
 
 
@@ -215,7 +206,7 @@ def test_threshold_is_read_on_device():
     """Changing the threshold tensor in place changes the result (CUDA-graph friendly)."""
     x, wt, _ = _inputs(1, 80, 48, torch.float16, seed=8)
     t = _tensor(-1.0)
-    _check(tg.sparse_gemv(x, wt, t), ref.sparse_linear(x, wt, t), torch.float16)
+    check_close(tg.sparse_gemv(x, wt, t), ref.sparse_linear(x, wt, t), torch.float16)
     t.fill_(1e4)
     assert (tg.sparse_gemv(x, wt, t) == 0).all()
 
@@ -246,7 +237,7 @@ def test_cuda_graph_capture():
     for p in (0.5, 0.8, 0.0):
         t.fill_(_threshold(x, p))
         g.replay()
-        _check(y, ref.sparse_linear(x, wt, t), torch.bfloat16)
+        check_close(y, ref.sparse_linear(x, wt, t), torch.bfloat16)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="timing needs a GPU")

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     # Must be set before triton.jit decorates the kernels.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers_kernels import check_close  # noqa: E402
 from teal.kernels import reference as ref  # noqa: E402
 from teal.model.build import random_model  # noqa: E402
 from teal.model.config import ModelConfig  # noqa: E402
@@ -106,15 +107,6 @@ def _thresholds(x, p, n):
     return torch.full((n,), t, device=DEVICE)
 
 
-def _check(y, r, dtype):
-    assert y.shape == r.shape and y.dtype == r.dtype
-    y, r = y.float().cpu(), r.float().cpu()
-    assert torch.isfinite(y).all()
-    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-    mag = max(r.abs().max().item(), 1e-3)
-    torch.testing.assert_close(y, r, rtol=tol, atol=tol * mag)
-
-
 # (format, K, splits, group): odd K, a ragged last group, fused segments.
 KERNEL_CASES = [
     ("int8", 67, (45,), 0),
@@ -138,7 +130,7 @@ def test_quant_gemv_matches_reference(fmt, k, splits, g, p, b, dtype):
         r = (x.float() @ w).to(dtype)
     else:
         r = ref.sparse_linear_fused(x, w, t.cpu() if DEVICE == "cpu" else t, splits)
-    _check(y, r, dtype)
+    check_close(y, r, dtype)
     if p == 1.0:
         assert (y == 0).all()
 
@@ -156,7 +148,7 @@ def test_int4_walk_configs_match_reference(prefetch):
     cfg = GemvConfig(64, 16, 2, 4, 1, False, prefetch)
     y = tq.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, t, splits, 32, None, cfg)
     r = ref.sparse_linear_fused(x, qw.dequantize(torch.float32), t.cpu(), splits)
-    _check(y, r.to(y.device), dtype)
+    check_close(y, r.to(y.device), dtype)
 
 
 @pytest.mark.parametrize("fmt,g,zero_point", [("int8", 0, False), ("int4", 32, False)])
@@ -169,7 +161,7 @@ def test_quant_gate_up_act_and_scores_match_reference(fmt, g, zero_point):
     t = torch.tensor([0.4, 0.9], device=DEVICE)
     y = tq.quant_gate_up_act(x, qw.qweight, qw.scales, qw.zeros, t, "silu", g, score)
     r = ref.sparse_gate_up_act(x, qw.dequantize(torch.float32), t, "silu", score)
-    _check(y, r, dtype)
+    check_close(y, r, dtype)
 
 
 # ----------------------------------------------------------------------------- model
