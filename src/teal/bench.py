@@ -112,7 +112,6 @@ class CudaGraphEngine:
         from teal.engine.cuda import CudaEngine
 
         self.engine = CudaEngine(model, max_len)
-        self.max_len = max_len
 
     def prepare(self, model: Transformer) -> float:
         return self.engine.capture()

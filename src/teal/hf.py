@@ -31,11 +31,10 @@ from teal.errors import TealError, UnsupportedModelError
 from teal.kernels.reference import keep_mask
 from teal.model.build import fingerprint as _fingerprint
 from teal.model.config import ModelConfig
-from teal.model.decoder import PROJECTIONS
+from teal.model.decoder import PROJECTIONS, SITE_PROJECTIONS
 
 # The site (our observer's name) whose input each projection reads.
-_SITE_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out",
-            "gate": "mlp_in", "up": "mlp_in", "down": "mlp_mid"}  # fmt: skip
+_SITE_OF = {PROJECTIONS[j]: site for site, js in SITE_PROJECTIONS.items() for j in js}
 _CATS_KEY = "mlp_cats"  # as teal.sparsity.scores.CATS_KEY (not imported: no import cycle)
 
 # Attribute paths of the seven projections inside a Llama-family decoder layer.
