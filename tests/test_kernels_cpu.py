@@ -181,7 +181,7 @@ def test_threads_do_not_change_results():
 # ----- the whole model ---------------------------------------------------------------------
 
 
-def _tiny_model(dtype=torch.float32):
+def _tiny_model(dtype=torch.float32, window=None):
     from teal.model.build import random_model
     from teal.model.config import PRESETS
 
@@ -193,7 +193,7 @@ def _tiny_model(dtype=torch.float32):
         head_dim=32,
         ffn_dim=160,
         vocab_size=211,
-        sliding_windows=(None,) * 3,
+        sliding_windows=(window,) * 3,
     )
     return random_model(cfg, dtype=dtype, seed=1)
 
@@ -325,3 +325,121 @@ def test_cpu_backend_on_many_positions_matches_the_reference():
     assert (err < 1e-4 * ref_logits.abs().max()).float().mean() >= 0.9
     dense = model(ids)
     assert (dense - ref_logits).abs().max() > 1e-3  # the thresholds did drop channels
+
+
+# ----- the native decode-step glue (norms, attention) ---------------------------------------
+
+GLUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", GLUE_DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_native_rms_norm_matches_the_model(dtype, rows):
+    from teal.model.decoder import RMSNorm
+
+    norm = RMSNorm(75, 1e-5).to(dtype)
+    g = _gen(4)
+    norm.weight.data = torch.randn(75, generator=g).to(dtype)
+    x = (torch.randn(rows, 1, 75, generator=g) * 3).to(dtype)
+    with torch.no_grad():
+        want = norm(x)
+    got = cpu.rms_norm(x, norm.weight.detach(), 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    # Same roundings as the torch ops; only the fp32 sum of squares may differ in order.
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=ulp)
+
+
+def _attention_reference(qkv, cos, sin, k_cache, v_cache, pos, window, h, hkv):
+    """The model's torch path for one decode step: split, RoPE, cache write, SDPA."""
+    from teal.model.decoder import apply_rope
+
+    b, _, width = qkv.shape
+    d = width // (h + 2 * hkv)
+    q, k, v = qkv.split((h * d, hkv * d, hkv * d), dim=-1)
+    q = apply_rope(q.reshape(b, 1, h, d).transpose(1, 2), cos, sin)
+    k = apply_rope(k.reshape(b, 1, hkv, d).transpose(1, 2), cos, sin)
+    v = v.reshape(b, 1, hkv, d).transpose(1, 2)
+    k_cache[:, :, pos] = k[:, :, 0]
+    v_cache[:, :, pos] = v[:, :, 0]
+    slots = torch.arange(k_cache.shape[2])
+    mask = slots <= pos
+    if window is not None:
+        mask = mask & (slots > pos - window)
+    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[None],
+                                         enable_gqa=h != hkv)  # fmt: skip
+    return out.transpose(1, 2).reshape(b, 1, h * d)
+
+
+@pytest.mark.parametrize("dtype", GLUE_DTYPES)
+@pytest.mark.parametrize(
+    "b,h,hkv,d,length,pos,window",
+    [
+        (1, 4, 2, 16, 10, 0, None),  # the first slot: attends to itself only
+        (1, 9, 3, 64, 40, 39, None),  # the last slot of the cache
+        (2, 3, 3, 8, 12, 7, None),  # no GQA, two rows
+        (1, 6, 2, 32, 300, 257, 64),  # sliding window, long cache (threads engage)
+        (2, 4, 1, 16, 20, 3, 8),  # window longer than the filled prefix
+    ],
+)
+def test_native_decode_attention_matches_the_torch_path(dtype, b, h, hkv, d, length, pos,
+                                                        window):  # fmt: skip
+    g = _gen(5)
+    # qkv as a slice of a wider buffer: rows not contiguous, as a fused projection's
+    # output may be.
+    wide = torch.randn(b, 1, (h + 2 * hkv) * d + 5, generator=g).to(dtype)
+    qkv = wide[..., : (h + 2 * hkv) * d]
+    ang = torch.rand(1, d // 2, generator=g) * 6
+    emb = torch.cat((ang, ang), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    k_cache = torch.randn(b, hkv, length, d, generator=g).to(dtype)
+    v_cache = torch.randn(b, hkv, length, d, generator=g).to(dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    want = _attention_reference(qkv, cos, sin, k_ref, v_ref, pos, window, h, hkv)
+    got = cpu.decode_attention(qkv, cos, sin, k_cache, v_cache, pos, window, h, hkv)
+    # The cache write is the same rounded RoPE, bit for bit; slots other than pos untouched.
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    # Attention: fp32 softmax in another order, one rounding to the dtype.
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_native_decode_attention_refuses_what_it_cannot_take():
+    q = torch.zeros(1, 1, 4 * 8)
+    cache = torch.zeros(1, 1, 5, 8)
+    trig = torch.zeros(1, 8)
+    with pytest.raises(ValueError, match="decode_attention"):  # width != (2 + 2) * 8
+        cpu.decode_attention(q[..., :24], trig, trig, cache, cache.clone(), 0, None, 2, 1)
+    with pytest.raises(ValueError, match="decode_attention"):  # slot beyond the cache
+        cpu.decode_attention(q, trig, trig, cache, cache.clone(), 5, None, 2, 1)
+    with pytest.raises(ValueError, match="decode_attention"):  # mixed dtypes
+        cpu.decode_attention(q, trig, trig, cache.double(), cache.clone(), 0, None, 2, 1)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_model_decode_glue_equals_the_torch_glue(window, monkeypatch):
+    """Backend "cpu" runs a decode step's norms and attention natively; greedy tokens and
+    logits (fp32) equal those of the model's torch ops over a run longer than the
+    sliding window."""
+    import teal.model.decoder as decoder
+
+    model = _tiny_model(window=window)
+    model.set_backend("cpu")
+    prompt = torch.randint(0, 211, (1, 4), generator=_gen(6))
+    runs = []
+    for glue in (True, False):
+        if not glue:
+            monkeypatch.setattr(decoder, "decode_glue", lambda backend, h: None)
+        model.setup_cache(1, 24)
+        with torch.inference_mode():
+            tok = model(prompt, torch.arange(4))[:, -1].argmax(-1)
+            toks, logits = [], []
+            for i in range(16):
+                out = model(tok.view(1, 1), torch.tensor([4 + i]))
+                logits.append(out)
+                tok = out[:, -1].argmax(-1)
+                toks.append(int(tok))
+        runs.append((toks, torch.cat(logits)))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-4)
+    assert cpu.decode_glue_available(torch.zeros(1, 1, 96))

@@ -426,11 +426,91 @@ void linear_rows(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const T* w, 
   }
 }
 
+// ----- the rest of a one-token decode step ------------------------------------------
+// At one token per step the projections are a few hundred microseconds per layer, and
+// the glue between them (norms, RoPE, the cache write, attention over a few hundred
+// positions) is two dozen small torch ops of a few microseconds each: a tenth of the
+// step.  These two functions do that glue in one call each, rounding where the torch
+// reference rounds (each op's result is stored in the model's dtype).
+
+// out[b] = w * (x[b] * rsqrt(mean(x[b]^2) + eps)), normalised in fp32, rounded to T
+// before the gain, as decoder.RMSNorm does.
+template <typename T>
+void rms_norm(const T* x, int64_t B, int64_t D, const T* w, float eps, T* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T* xb = x + b * D;
+    float ss = 0.0f;
+    for (int64_t d = 0; d < D; ++d) { const float v = load(xb + d); ss += v * v; }
+    const float r = 1.0f / std::sqrt(ss / float(D) + eps);
+    for (int64_t d = 0; d < D; ++d) store(load(w + d) * rnd<T>(load(xb + d) * r), out + b * D + d);
+  }
+}
+
+// RoPE (rotate-half layout) of one head vector, rounded as apply_rope's three ops are.
+template <typename T>
+inline void rope(const T* x, const T* cos, const T* sin, int D, float* y) {
+  const int h = D / 2;
+  for (int d = 0; d < D; ++d) {
+    const float rot = d < h ? -load(x + d + h) : load(x + d - h);
+    y[d] = rnd<T>(rnd<T>(load(x + d) * load(cos + d)) + rnd<T>(rot * load(sin + d)));
+  }
+}
+
+// One query position per row b at cache slot `pos`: RoPE on q and k, k and v written to
+// the cache ([B, Hkv, L, D], contiguous), then softmax(q k^T * scale) v over the slots
+// (pos - window, pos] (window <= 0: all of [0, pos]); query head h reads kv head
+// h / (H / Hkv).  Scores and softmax in fp32; out [B, H * D] rounded to T.
+template <typename T>
+void decode_attention(const T* qkv, int64_t B, int64_t qkv_stride, const T* cos, const T* sin,
+                      T* kc, T* vc, int64_t L, int64_t pos, int64_t window, int H, int Hkv,
+                      int D, float scale, T* out, int threads) {
+  std::vector<float> tmp(static_cast<size_t>(D));
+  for (int64_t b = 0; b < B; ++b)
+    for (int g = 0; g < Hkv; ++g) {
+      const T* k = qkv + b * qkv_stride + int64_t(H + g) * D;
+      const T* v = k + int64_t(Hkv) * D;
+      T* kd = kc + ((b * Hkv + g) * L + pos) * D;
+      T* vd = vc + ((b * Hkv + g) * L + pos) * D;
+      rope(k, cos, sin, D, tmp.data());
+      for (int d = 0; d < D; ++d) { store(tmp[d], kd + d); vd[d] = v[d]; }
+    }
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+  const int64_t n = pos - lo + 1;
+  const int group = H / Hkv;
+  // Threads only pay off once the cache is long; a parallel region costs microseconds.
+  const bool par = threads > 1 && B * H * n * D >= (int64_t(1) << 16);
+#pragma omp parallel for num_threads(threads) if (par) collapse(2)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      std::vector<float> q(static_cast<size_t>(D)), p(static_cast<size_t>(n));
+      std::vector<float> acc(static_cast<size_t>(D), 0.0f);
+      rope(qkv + b * qkv_stride + int64_t(h) * D, cos, sin, D, q.data());
+      const int64_t base = (b * Hkv + h / group) * L;
+      float m = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        const T* kj = kc + (base + lo + j) * D;
+        float s = 0.0f;
+        for (int d = 0; d < D; ++d) s += q[d] * load(kj + d);
+        p[j] = s * scale;
+        m = std::max(m, p[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < n; ++j) { p[j] = std::exp(p[j] - m); sum += p[j]; }
+      for (int64_t j = 0; j < n; ++j) {
+        const T* vj = vc + (base + lo + j) * D;
+        const float pj = p[j];
+        for (int d = 0; d < D; ++d) acc[d] += pj * load(vj + d);
+      }
+      const float inv = 1.0f / sum;
+      for (int d = 0; d < D; ++d) store(acc[d] * inv, out + (b * H + h) * D + d);
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-int teal_abi_version() { return 1; }
+int teal_abi_version() { return 2; }
 
 int teal_project(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale,
                  const void* w, int64_t K, int64_t N, int dtype, int P, const int64_t* bounds,
@@ -473,6 +553,35 @@ int teal_linear_rows(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const
   }
 }
 
+
+int teal_rms_norm(const void* x, int64_t B, int64_t D, const void* w, float eps, int dtype,
+                  void* out) {
+  switch (dtype) {
+    case 0: rms_norm((const float*)x, B, D, (const float*)w, eps, (float*)out); return 0;
+    case 1: rms_norm((const b16*)x, B, D, (const b16*)w, eps, (b16*)out); return 0;
+    case 2: rms_norm((const f16*)x, B, D, (const f16*)w, eps, (f16*)out); return 0;
+    default: return 1;
+  }
+}
+
+int teal_decode_attention(const void* qkv, int64_t B, int64_t qkv_stride, const void* cos,
+                          const void* sin, void* kc, void* vc, int64_t L, int64_t pos,
+                          int64_t window, int H, int Hkv, int D, float scale, int dtype,
+                          void* out, int threads) {
+  switch (dtype) {
+    case 0: decode_attention((const float*)qkv, B, qkv_stride, (const float*)cos,
+                             (const float*)sin, (float*)kc, (float*)vc, L, pos, window, H, Hkv,
+                             D, scale, (float*)out, threads); return 0;
+    case 1: decode_attention((const b16*)qkv, B, qkv_stride, (const b16*)cos, (const b16*)sin,
+                             (b16*)kc, (b16*)vc, L, pos, window, H, Hkv, D, scale, (b16*)out,
+                             threads); return 0;
+    case 2: decode_attention((const f16*)qkv, B, qkv_stride, (const f16*)cos, (const f16*)sin,
+                             (f16*)kc, (f16*)vc, L, pos, window, H, Hkv, D, scale, (f16*)out,
+                             threads); return 0;
+    default: return 1;
+  }
+}
+
 }  // extern "C"
 """
 
@@ -481,7 +590,10 @@ int teal_linear_rows(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const
 
 
 def _compile_flags() -> list[str]:
-    flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
+    # No contraction of a * b + c into one FMA: the decode glue rounds each product as
+    # the torch ops it replaces do (the GEMV loops use FMA intrinsics explicitly).
+    flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
+             "-ffp-contract=off"]  # fmt: skip
     # Vector width from what torch itself found on this CPU, not -march=native: the
     # library may be cached on a shared disk and loaded on another x86 machine.
     cap = torch.backends.cpu.get_cpu_capability()
@@ -562,6 +674,12 @@ def _native() -> ctypes.CDLL | None:
     lib.teal_gate_up.restype = cint
     lib.teal_linear_rows.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, cint, ptr, cint]
     lib.teal_linear_rows.restype = cint
+    f32 = ctypes.c_float
+    lib.teal_rms_norm.argtypes = [ptr, i64, i64, ptr, f32, cint, ptr]
+    lib.teal_rms_norm.restype = cint
+    lib.teal_decode_attention.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, cint,
+                                          cint, cint, f32, cint, ptr, cint]  # fmt: skip
+    lib.teal_decode_attention.restype = cint
     return lib
 
 
@@ -789,6 +907,71 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     if rc:
         raise RuntimeError(f"teal_linear_rows failed with code {rc}")
     return out.view(*x.shape[:-1], V)
+
+
+# ----- the decode-step glue (norms, attention) -------------------------------------------
+
+
+def decode_glue_available(x: Tensor) -> bool:
+    """Whether ``rms_norm`` and ``decode_attention`` run natively for this one-token
+    hidden state ``x`` ``[B, 1, D]``; the model keeps its torch ops otherwise."""
+    return (
+        x.device.type == "cpu" and x.dim() == 3 and x.shape[1] == 1 and x.dtype in _DTYPE_CODE
+        and _native() is not None
+    )  # fmt: skip
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``decoder.RMSNorm`` for a few contiguous rows: fp32 statistics, rounded to the
+    dtype before the gain, in one call instead of eight ops."""
+    lib = _native()
+    if lib is None or not x.is_contiguous() or weight.dtype != x.dtype:
+        raise ValueError("native rms_norm needs the kernel, a contiguous x and weight of x's dtype")
+    out = torch.empty_like(x)
+    D = x.shape[-1]
+    rc = lib.teal_rms_norm(x.data_ptr(), x.numel() // D, D, weight.data_ptr(), eps,
+                           _DTYPE_CODE[x.dtype], out.data_ptr())  # fmt: skip
+    if rc:
+        raise RuntimeError(f"teal_rms_norm failed with code {rc}")
+    return out
+
+
+def decode_attention(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    pos: int,
+    window: int | None,
+    n_heads: int,
+    n_kv_heads: int,
+) -> Tensor:
+    """One decode step of attention from the fused ``qkv`` ``[B, 1, (H + 2 Hkv) D]``:
+    RoPE on q and k (``cos``/``sin`` ``[1, D]`` of the step's position), k and v written
+    to slot ``pos`` of the cache ``[B, Hkv, L, D]``, and softmax attention over slots
+    ``<= pos`` (the last ``window`` of them for a sliding window).  Returns ``[B, 1, H D]``,
+    what ``F.scaled_dot_product_attention`` plus the reshape gives on the torch path."""
+    lib = _native()
+    B, T, width = qkv.shape
+    _, hkv, L, D = cache_k.shape
+    if (
+        lib is None or T != 1 or qkv.stride(-1) != 1 or hkv != n_kv_heads
+        or width != (n_heads + 2 * n_kv_heads) * D or not 0 <= pos < L
+        or not (cache_k.is_contiguous() and cache_v.is_contiguous())
+        or not (cos.is_contiguous() and sin.is_contiguous() and cos.numel() == D)
+        or len({qkv.dtype, cos.dtype, sin.dtype, cache_k.dtype, cache_v.dtype}) != 1
+    ):  # fmt: skip
+        raise ValueError("native decode_attention got shapes, strides or dtypes it does not take")
+    out = torch.empty(B, 1, n_heads * D, dtype=qkv.dtype)
+    rc = lib.teal_decode_attention(
+        qkv.data_ptr(), B, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), cache_k.data_ptr(),
+        cache_v.data_ptr(), L, pos, window or 0, n_heads, n_kv_heads, D, D**-0.5,
+        _DTYPE_CODE[qkv.dtype], out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(f"teal_decode_attention failed with code {rc}")
+    return out
 
 
 register_backend("cpu", sparse_project, sparse_gate_up)

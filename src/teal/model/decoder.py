@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from teal.kernels.dispatch import SparseCall, lm_head, project, project_gate_up
+from teal.kernels.dispatch import SparseCall, decode_glue, lm_head, project, project_gate_up
 from teal.model.config import ModelConfig, llama3_inv_freq_scale
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -41,7 +41,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, glue=None) -> Tensor:  # noqa: ANN001 (a DecodeGlue)
+        if glue is not None:
+            return glue.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 and cast back before the gain, as the reference does: in
         # bf16 the order of these two steps changes the result.
         xf = x.float()
@@ -96,12 +98,18 @@ class Attention(nn.Module):
         input_pos: Tensor | None,
         sparse: SparseCall | None,
         observer: Observer | None,
+        glue=None,  # noqa: ANN001 (a DecodeGlue: native one-token attention)
     ) -> Tensor:
         cfg = self.cfg
         bsz, seqlen, _ = x.shape
         if observer is not None:
             observer(self.layer, "attn_in", x, sparse.pos_mask if sparse else None)
         qkv = project(x, self.wqkv, self.bqkv, sparse, slice(0, 3), self.splits, "attn_in")
+        if glue is not None and self.kv_cache is not None:
+            cache, window = self.kv_cache, cfg.sliding_windows[self.layer]
+            out = glue.decode_attention(qkv, *rope, cache.k, cache.v, int(input_pos), window,
+                                        cfg.n_heads, cfg.n_kv_heads)  # fmt: skip
+            return self._out(out, sparse, observer)
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(bsz, seqlen, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(bsz, seqlen, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -114,9 +122,12 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, enable_gqa=cfg.n_heads != cfg.n_kv_heads
         )
         out = out.transpose(1, 2).reshape(bsz, seqlen, cfg.n_heads * cfg.head_dim)
+        return self._out(out, sparse, observer)
+
+    def _out(self, out: Tensor, sparse: SparseCall | None, observer: Observer | None) -> Tensor:
         if observer is not None:
             observer(self.layer, "attn_out", out, sparse.pos_mask if sparse else None)
-        return project(out, self.wo, None, sparse, slice(3, 4), (cfg.dim,), "attn_out")
+        return project(out, self.wo, None, sparse, slice(3, 4), (self.cfg.dim,), "attn_out")
 
 
 class MLP(nn.Module):
@@ -146,9 +157,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg, layer)
 
-    def forward(self, h, rope, mask, input_pos, sparse, observer) -> Tensor:
-        h = h + self.attention(self.attention_norm(h), rope, mask, input_pos, sparse, observer)
-        return h + self.mlp(self.ffn_norm(h), sparse, observer)
+    def forward(self, h, rope, mask, input_pos, sparse, observer, glue=None) -> Tensor:
+        x = self.attention_norm(h, glue)
+        h = h + self.attention(x, rope, mask, input_pos, sparse, observer, glue)
+        return h + self.mlp(self.ffn_norm(h, glue), sparse, observer)
 
 
 class Transformer(nn.Module):
@@ -299,10 +311,15 @@ class Transformer(nn.Module):
         else:
             q_pos = input_pos
             k_pos = torch.arange(self.cache_len, device=device)
-        masks = {w: self._mask(q_pos, k_pos, w) for w in set(self.config.sliding_windows)}
+        h = self.tok_embeddings(input_ids)
+        # Native one-token glue (norms, attention) on the CPU backend; it needs no mask.
+        glue = None
+        if input_pos is not None and seqlen == 1:
+            glue = decode_glue(self.sparse_backend, h)
+        windows = set(self.config.sliding_windows)
+        masks = {w: None if glue else self._mask(q_pos, k_pos, w) for w in windows}
         freqs = q_pos.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        h = self.tok_embeddings(input_ids)
         rope = (emb.cos().to(h.dtype), emb.sin().to(h.dtype))
         sparse = self._sparse_call(seqlen, sparse_mask)
         blocks = self.layers
@@ -314,8 +331,8 @@ class Transformer(nn.Module):
                 scales = self.sparse_scales[i] if self.sparse_scales else None
                 call = SparseCall(self.thresholds[i], sparse.pos_mask, scales, sparse.backend)
             window = self.config.sliding_windows[i]
-            h = block(h, rope, masks[window], input_pos, call, self.observer)
-        h = self.norm(h)
+            h = block(h, rope, masks[window], input_pos, call, self.observer, glue)
+        h = self.norm(h, glue)
         head = self.tok_embeddings.weight if self.lm_head is None else self.lm_head
         return lm_head(h, head, self.sparse_backend)
 
