@@ -429,7 +429,7 @@ def test_model_decode_glue_equals_the_torch_glue(window, monkeypatch):
     runs = []
     for glue in (True, False):
         if not glue:
-            monkeypatch.setattr(decoder, "decode_glue", lambda backend, h: None)
+            monkeypatch.setattr(decoder, "decode_glue", lambda backend, h, pos: None)
         model.setup_cache(1, 24)
         with torch.inference_mode():
             tok = model(prompt, torch.arange(4))[:, -1].argmax(-1)

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from teal.engine.sampling import sample
 from teal.errors import TealError
 from teal.model.build import DTYPE_NAMES
 from teal.model.decoder import PROJECTIONS, SITE_PROJECTIONS, Transformer
@@ -87,13 +88,13 @@ class CpuEngine:
         if model.cache_len != self.max_len:
             model.setup_cache(1, self.max_len)
         logits = model(prompt, torch.arange(n))
-        tok = logits[:, -1].argmax(-1).view(1, 1)
+        tok = sample(logits[:, -1]).view(1, 1)
         out = [tok]
         pos = torch.tensor([n])
         t0 = time.perf_counter()
         for _ in range(new_tokens - 1):
             logits = model(tok, pos)
-            tok = logits[:, -1].argmax(-1).view(1, 1)
+            tok = sample(logits[:, -1]).view(1, 1)
             out.append(tok)
             pos.add_(1)
         seconds = time.perf_counter() - t0

@@ -11,7 +11,10 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generat
     """Next token ids ``[B]`` from logits ``[B, V]``: greedy when ``temperature`` is 0,
     else temperature plus nucleus (top-p) sampling."""
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        # Cast first: the CPU's argmax over bf16 is not vectorised and costs twice the
+        # cast plus an fp32 argmax (0.2 ms a token for a 49k vocabulary); ties and
+        # order are unchanged, the cast being exact.
+        return logits.float().argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)

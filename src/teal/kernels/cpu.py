@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -972,6 +973,23 @@ def decode_attention(
     if rc:
         raise RuntimeError(f"teal_decode_attention failed with code {rc}")
     return out
+
+
+@dataclass(frozen=True)
+class DecodeGlue:
+    """The native glue of one decode step at cache slot ``pos`` (read from the position
+    tensor once per step, not once per layer)."""
+
+    pos: int
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        return rms_norm(x, weight, eps)
+
+    def attention(self, qkv: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor,
+                  cache_v: Tensor, window: int | None, n_heads: int,
+                  n_kv_heads: int) -> Tensor:  # fmt: skip
+        return decode_attention(qkv, cos, sin, cache_k, cache_v, self.pos, window, n_heads,
+                                n_kv_heads)  # fmt: skip
 
 
 register_backend("cpu", sparse_project, sparse_gate_up)

@@ -166,16 +166,16 @@ def _cats_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall, act: str) -
     return torch.where(keep, mid, torch.zeros((), dtype=mid.dtype, device=mid.device))
 
 
-def decode_glue(backend: str, h: Tensor):  # noqa: ANN201 (the teal.kernels.cpu module)
-    """What runs the glue of a one-token decode step (the norms and attention between
-    the projections) natively, or None for the model's torch ops.  Only the CPU backend
-    has one (``teal.kernels.cpu.rms_norm`` / ``decode_attention``): on the GPU the
-    engine compiles that glue instead."""
+def decode_glue(backend: str, h: Tensor, input_pos: Tensor):  # noqa: ANN201
+    """What runs the glue of a one-token decode step at ``input_pos`` (the norms and
+    attention between the projections) natively: a ``teal.kernels.cpu.DecodeGlue``, or
+    None for the model's torch ops.  Only the CPU backend has one; on the GPU the engine
+    compiles that glue instead."""
     if backend != "cpu":
         return None
     from teal.kernels import cpu  # imported already by set_backend("cpu")
 
-    return cpu if cpu.decode_glue_available(h) else None
+    return cpu.DecodeGlue(int(input_pos)) if cpu.decode_glue_available(h) else None
 
 
 def lm_head(h: Tensor, weight: Tensor, backend: str) -> Tensor:

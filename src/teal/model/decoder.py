@@ -98,7 +98,7 @@ class Attention(nn.Module):
         input_pos: Tensor | None,
         sparse: SparseCall | None,
         observer: Observer | None,
-        glue=None,  # noqa: ANN001 (a DecodeGlue: native one-token attention)
+        glue=None,  # noqa: ANN001 (a cpu.DecodeGlue: native one-token attention)
     ) -> Tensor:
         cfg = self.cfg
         bsz, seqlen, _ = x.shape
@@ -107,8 +107,8 @@ class Attention(nn.Module):
         qkv = project(x, self.wqkv, self.bqkv, sparse, slice(0, 3), self.splits, "attn_in")
         if glue is not None and self.kv_cache is not None:
             cache, window = self.kv_cache, cfg.sliding_windows[self.layer]
-            out = glue.decode_attention(qkv, *rope, cache.k, cache.v, int(input_pos), window,
-                                        cfg.n_heads, cfg.n_kv_heads)  # fmt: skip
+            out = glue.attention(qkv, *rope, cache.k, cache.v, window, cfg.n_heads,
+                                 cfg.n_kv_heads)  # fmt: skip
             return self._out(out, sparse, observer)
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(bsz, seqlen, cfg.n_heads, cfg.head_dim).transpose(1, 2)
@@ -315,7 +315,7 @@ class Transformer(nn.Module):
         # Native one-token glue (norms, attention) on the CPU backend; it needs no mask.
         glue = None
         if input_pos is not None and seqlen == 1:
-            glue = decode_glue(self.sparse_backend, h)
+            glue = decode_glue(self.sparse_backend, h, input_pos)
         windows = set(self.config.sliding_windows)
         masks = {w: None if glue else self._mask(q_pos, k_pos, w) for w in windows}
         freqs = q_pos.float()[:, None] * self.inv_freq[None, :]
