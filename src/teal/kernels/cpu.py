@@ -716,7 +716,8 @@ def _f32(t: Tensor | None) -> Tensor | None:
 
 
 def _check(x: Tensor, wt: Tensor) -> None:
-    if x.device.type != "cpu" or wt.device.type != "cpu":
+    # Called per projection per decode step: the cheapest tests (attributes) only.
+    if not (x.is_cpu and wt.is_cpu):
         raise ValueError("the cpu sparse backend needs CPU tensors")
     if wt.dtype not in _DTYPE_CODE:
         raise ValueError(f"the cpu sparse backend handles fp32, bf16 and fp16, not {wt.dtype}")
@@ -739,7 +740,7 @@ def _native_project(
 ) -> Tensor:
     K, N = wt.shape
     rows = _rows(x, wt)
-    out = torch.empty(rows.shape[0], N, dtype=wt.dtype)
+    out = torch.empty((*x.shape[:-1], N), dtype=wt.dtype)
     thr = _f32(thresholds)
     sc = _f32(scale)
     rc = lib.teal_project(
@@ -750,7 +751,7 @@ def _native_project(
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"teal_project failed with code {rc}")
-    return out.view(*x.shape[:-1], N)
+    return out
 
 
 def _native_gate_up(
@@ -758,7 +759,7 @@ def _native_gate_up(
 ) -> Tensor:
     K, N2 = wt.shape
     rows = _rows(x, wt)
-    out = torch.empty(rows.shape[0], N2 // 2, dtype=wt.dtype)
+    out = torch.empty((*x.shape[:-1], N2 // 2), dtype=wt.dtype)
     thr = _f32(thresholds)
     sc = _f32(scale)
     rc = lib.teal_gate_up(
@@ -769,7 +770,7 @@ def _native_gate_up(
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"teal_gate_up failed with code {rc}")
-    return out.view(*x.shape[:-1], N2 // 2)
+    return out
 
 
 # ----- the pure-torch path (embedding_bag) ---------------------------------------------
