@@ -443,3 +443,62 @@ def test_model_decode_glue_equals_the_torch_glue(window, monkeypatch):
     assert runs[0][0] == runs[1][0]
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-4)
     assert cpu.decode_glue_available(torch.zeros(1, 1, 96))
+
+
+def _fused_and_op_by_op(model, prompt, steps, monkeypatch):
+    """Greedy decode twice on backend "cpu": whole blocks in one native call, then op by op
+    (``DecodeGlue.block`` declining); logits of every step from both."""
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(cpu.DecodeGlue, "block", lambda *args: None)
+        model.setup_cache(1, prompt.shape[1] + steps)
+        n = prompt.shape[1]
+        with torch.inference_mode():
+            tok = model(prompt, torch.arange(n))[:, -1].argmax(-1)
+            logits = []
+            for i in range(steps):
+                out = model(tok.view(1, 1), torch.tensor([n + i]))
+                logits.append(out)
+                tok = out[:, -1].argmax(-1)
+        runs.append(torch.cat(logits))
+    return runs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["plain", "window+bias", "scales"])
+def test_fused_native_block_is_bit_identical_to_op_by_op(dtype, variant, monkeypatch):
+    """The one-call block runs the same kernels in the same order with the same roundings
+    as the op-by-op path (itself tested against the torch reference above): equal bits."""
+    from teal.model.build import random_model
+
+    cfg = _tiny_model().config
+    if variant == "window+bias":
+        cfg = cfg.replace(sliding_windows=(4,) * 3, qkv_bias=True)
+    model = random_model(cfg, dtype=dtype, seed=2)
+    if variant == "window+bias":
+        for block in model.layers:
+            block.attention.bqkv.data.normal_(0, 0.5)
+    scales = None
+    if variant == "scales":
+        g = _gen(7)
+        widths = {"attn_in": 96, "attn_out": 96, "mlp_in": 96, "mlp_mid": 160}
+        scales = [{s: torch.rand(k, generator=g) + 0.5 for s, k in widths.items()}] * 3
+    model.set_sparsity(_calibrated(model, 0.5), mode="decode", scales=scales)
+    model.set_backend("cpu")
+    prompt = torch.randint(0, 211, (1, 5), generator=_gen(8))
+    fused, op_by_op = _fused_and_op_by_op(model, prompt, 10, monkeypatch)
+    assert torch.equal(fused, op_by_op)
+    assert len(cpu._PLANS) >= 3  # the fused path did run
+
+
+def test_fused_block_declines_what_it_does_not_run():
+    model = _tiny_model()
+    block = model.layers[0]
+    thr = torch.zeros(7)
+    assert cpu._plan_inputs(block, thr, None) is None  # no cache yet
+    model.setup_cache(1, 8)
+    assert cpu._plan_inputs(block, thr, None) is not None
+    assert cpu._plan_inputs(block, thr, {"mlp_cats": torch.ones(1)}) is None  # CATS
+    model.quantize("int8")
+    assert cpu._plan_inputs(model.layers[0], thr, None) is None  # quantized weights

@@ -158,6 +158,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, layer)
 
     def forward(self, h, rope, mask, input_pos, sparse, observer, glue=None) -> Tensor:
+        if glue is not None and observer is None and sparse is not None and sparse.pos_mask is None:
+            # The CPU backend runs a whole sparse one-token block in one native call,
+            # the same ops as below (None where it cannot: quantized weights, CATS).
+            out = glue.block(self, h, *rope, sparse.thresholds, sparse.scales)
+            if out is not None:
+                return out
         x = self.attention_norm(h, glue)
         h = h + self.attention(x, rope, mask, input_pos, sparse, observer, glue)
         return h + self.mlp(self.ffn_norm(h, glue), sparse, observer)
