@@ -320,7 +320,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(input_ids)
         # Native one-token glue (norms, attention) on the CPU backend; it needs no mask.
         glue = None
-        if input_pos is not None and seqlen == 1:
+        if input_pos is not None and seqlen == 1 and self.cache_len:
             glue = decode_glue(self.sparse_backend, h, input_pos)
         windows = set(self.config.sliding_windows)
         masks = {w: None if glue else self._mask(q_pos, k_pos, w) for w in windows}
