@@ -3,6 +3,7 @@ whole model decoding with backend "cpu" against backend "torch".  Speed is measu
 benchmarks/bench_cpu.py and `teal bench`, never here."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -502,3 +503,24 @@ def test_fused_block_declines_what_it_does_not_run():
     assert cpu._plan_inputs(block, thr, {"mlp_cats": torch.ones(1)}) is None  # CATS
     model.quantize("int8")
     assert cpu._plan_inputs(model.layers[0], thr, None) is None  # quantized weights
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are a Linux feature")
+def test_place_weights_moves_weights_without_changing_them():
+    """set_backend("cpu") moves the 2-D weights into huge-page buffers (one per block):
+    same values, cache-line aligned, a block's weights sharing one storage; done once."""
+    model = _tiny_model()
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    ids = torch.randint(0, 211, (1, 6), generator=_gen(9))
+    want = model(ids)
+    model.set_backend("cpu")
+    assert cpu.place_weights(model) is False  # already placed: idempotent
+    for name, q in model.named_parameters():
+        assert torch.equal(q, before[name]), name
+        if q.dim() == 2:
+            assert q.data_ptr() % 64 == 0 and q.is_contiguous(), name
+    block = model.layers[1]
+    storages = {q.untyped_storage().data_ptr() for q in (block.attention.wqkv, block.mlp.w_down)}
+    assert len(storages) == 1
+    model.set_backend("torch")
+    torch.testing.assert_close(model(ids), want, rtol=0, atol=0)

@@ -263,6 +263,10 @@ class Transformer(nn.Module):
             raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
         if backend != "torch":
             load_backend(backend)  # import now: a compiled step cannot run the import
+        if backend == "cpu":
+            from teal.kernels.cpu import place_weights
+
+            place_weights(self)  # weights on huge pages: fewer TLB misses per kept row
         self.sparse_backend = backend
 
     def quantize(self, fmt: str, group_size: int = 128, zero_point: bool = True,
