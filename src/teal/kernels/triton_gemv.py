@@ -149,6 +149,10 @@ def _walk(
     F32_DOT: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ROW_SUM: tl.constexpr = False,
+    PEEL: tl.constexpr = False,
+    EVEN_N: tl.constexpr = False,
+    OFF32: tl.constexpr = False,
 ):
     """Sum over the ``cnt`` compacted rows of ``val[b, j] * wt[idx[j], cols]`` in fp32.
 
@@ -160,6 +164,12 @@ def _walk(
     if USE_DOT:
         acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
         b = tl.arange(0, BB)
+    elif ROW_SUM:
+        # 1-D accumulator, each step's rows summed at once: with a tile whose warps all
+        # lie along N (BLOCK_N = 256 * num_warps for 16-byte loads) that sum stays inside
+        # each thread, and the registers a 2-D accumulator would take hold more weight
+        # loads in flight instead.
+        acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
     else:
         # 2-D accumulator: one cross-thread reduction at the end instead of per step.
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
@@ -176,15 +186,34 @@ def _walk(
                 r1 = j + ROWS + offs_r
                 w1, v1 = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r1, cnt)
                 rows = tl.load(idx_ptr + ROWS + r1, mask=ROWS + r1 < cnt, other=0)
-                acc += v.to(tl.float32)[:, None] * _wf32(w)
+                acc = _fma(acc, v, w, ROW_SUM)
                 w, v = w1, v1
         else:
             for j in range(0, cnt, ROWS):
                 r1 = j + ROWS + offs_r
                 w1, v1 = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r1, cnt)
                 rows = tl.load(idx_ptr + ROWS + r1, mask=ROWS + r1 < cnt, other=0)
-                acc += v.to(tl.float32)[:, None] * _wf32(w)
+                acc = _fma(acc, v, w, ROW_SUM)
                 w, v = w1, v1
+    elif PEEL and not INTERPRET and not USE_DOT:
+        # Whole steps first, with no row mask (and no column mask when the block width
+        # divides N): the loads are unpredicated, the index and value loads 16-byte
+        # vectors, and no register is zeroed for masked lanes. A step costs fewer
+        # instructions per weight byte, which matters once several CTAs share an SM.
+        # Then one masked step for the remainder. The scratch slots are padded by ROWS
+        # so the index load one step ahead may read past the list (never used unmasked).
+        n_full = cnt - cnt % ROWS
+        for j in range(0, n_full, ROWS):
+            j0 = tl.multiple_of(j, ROWS)
+            w = _gather(w_ptr, stride_wk, cols, nmask, rows, offs_r < ROWS, EVEN_N, OFF32, False)
+            v = tl.load(val_ptr + j0 + offs_r)
+            rows = tl.load(idx_ptr + j0 + ROWS + offs_r)
+            acc = _fma(acc, v, w, ROW_SUM)
+        r = n_full + offs_r
+        rmask = r < cnt
+        w = _gather(w_ptr, stride_wk, cols, nmask, rows, rmask, EVEN_N, OFF32, True)
+        v = tl.load(val_ptr + r, mask=rmask, other=0.0)
+        acc = _fma(acc, v, w, ROW_SUM)
     else:
         if INTERPRET:
             for j in range(0, KC, ROWS):
@@ -194,7 +223,7 @@ def _walk(
                 if USE_DOT:
                     acc = _dot_acc(acc, w, val_ptr, b, B, r, cnt, KC, F32_DOT)
                 else:
-                    acc += v.to(tl.float32)[:, None] * _wf32(w)
+                    acc = _fma(acc, v, w, ROW_SUM)
         else:
             for j in range(0, cnt, ROWS):
                 r = j + offs_r
@@ -203,11 +232,53 @@ def _walk(
                 if USE_DOT:
                     acc = _dot_acc(acc, w, val_ptr, b, B, r, cnt, KC, F32_DOT)
                 else:
-                    acc += v.to(tl.float32)[:, None] * _wf32(w)
-    if USE_DOT:
+                    acc = _fma(acc, v, w, ROW_SUM)
+    if USE_DOT or ROW_SUM:
         return acc
     else:
         return tl.sum(acc, axis=0)[None, :]
+
+
+@triton.jit
+def _fma(acc, v, w, ROW_SUM: tl.constexpr):
+    """Batch-1 step: ``acc += v[:, None] * w``, summed over the step's rows at once
+    when ``ROW_SUM`` (``acc`` is then ``[1, BLOCK_N]``)."""
+    prod = v.to(tl.float32)[:, None] * _wf32(w)
+    if ROW_SUM:
+        return acc + tl.sum(prod, axis=0, keep_dims=True)
+    else:
+        return acc + prod
+
+
+@triton.jit
+def _gather(
+    w_ptr,
+    stride_wk,
+    cols,
+    nmask,
+    rows,
+    rmask,
+    EVEN_N: tl.constexpr,
+    OFF32: tl.constexpr,
+    MASK_R: tl.constexpr,
+):
+    """Rows ``rows`` of the block's columns; masked by ``rmask`` only when ``MASK_R``,
+    by ``nmask`` only when not ``EVEN_N``. ``OFF32``: row offsets fit in int32 (one
+    wide multiply-add per row instead of a 64-bit product)."""
+    if OFF32:
+        ptrs = w_ptr + (rows * stride_wk)[:, None] + cols[None, :]
+    else:
+        ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wk + cols[None, :]
+    if MASK_R:
+        if EVEN_N:
+            m = rmask[:, None]
+        else:
+            m = rmask[:, None] & nmask[None, :]
+        return tl.load(ptrs, mask=m, other=0.0)
+    elif EVEN_N:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=nmask[None, :], other=0.0)
 
 
 @triton.jit
@@ -352,6 +423,10 @@ def _sparse_gemv_kernel(
     F32_DOT: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ROW_SUM: tl.constexpr = False,
+    PEEL: tl.constexpr = False,
+    EVEN_N: tl.constexpr = False,
+    OFF32: tl.constexpr = False,
 ):
     """Grid ``(output blocks, split_k)``.
 
@@ -405,6 +480,10 @@ def _sparse_gemv_kernel(
             F32_DOT,
             PREFETCH,
             INTERPRET,
+            ROW_SUM,
+            PEEL,
+            EVEN_N,
+            OFF32,
         )
         acc2 = _walk(
             w_ptr,
@@ -423,6 +502,10 @@ def _sparse_gemv_kernel(
             F32_DOT,
             PREFETCH,
             INTERPRET,
+            ROW_SUM,
+            PEEL,
+            EVEN_N,
+            OFF32,
         )
     else:
         seg, blk, col0, width = _segment(pid_n, W0, W1, W2, W3, NSEG, BLOCK_N)
@@ -454,6 +537,10 @@ def _sparse_gemv_kernel(
             F32_DOT,
             PREFETCH,
             INTERPRET,
+            ROW_SUM,
+            PEEL,
+            EVEN_N,
+            OFF32,
         )
         acc2 = acc  # unused
         cols2 = cols  # unused
@@ -549,23 +636,35 @@ class GemvConfig:
     num_stages: int = 1
     dot: bool = False  # batch 1 through tl.dot (batches > 1 always use it)
     prefetch: bool = False  # FMA path: load the next rows before this step's math
+    row_sum: bool = False  # FMA path: 1-D accumulator, each step's rows summed at once
+    peel: bool = False  # FMA path without prefetch: unmasked whole steps, one masked tail
 
 
-# Measured on one H100 80GB HBM3 (benchmarks/bench_kernels.py --tune, 2026-11-23), bf16;
-# fp16 reads the same bytes and uses the same entries. Other GPUs: a starting point, run
-# tune(). Key: (K, N of the launch, pair, batch bucket).
+# Batch 1, the launches decoding makes (qkv, o, gate|up with its activation, down):
+# winners of the in-graph search on one H200 (benchmarks/bench_kernels.py --site-tune,
+# 2026-12-01; benchmarks/results/kernels-site-tune-h200-2026-12-01-s2.json), least
+# summed time at sparsity 0, .25, .4, .5, .65 with 32 launches over distinct weights in
+# one CUDA graph. The l3 gate|up winner there (1024 columns, row-sum walk) tied with the
+# peeled 512-column walk at 14 chunks (231.9 against 232.9 us summed) and had the higher
+# floor with every input dropped, so the entry is the latter.
+# Other entries: the H100 search (benchmarks/bench_kernels.py --tune, 2026-11-23), a
+# starting point elsewhere; run tune() or --site-tune for another GPU.
+# bf16; fp16 reads the same bytes and uses the same entries.
+# Key: (K, N of the launch, pair, batch bucket).
 _TABLE: dict[tuple[int, int, bool, int], GemvConfig] = {
-    (4096, 6144, False, 1): GemvConfig(512, 16, 22, 4, 1, False, False),
+    (4096, 6144, False, 1): GemvConfig(512, 16, 22, 4, 1, False, False, peel=True),
     (4096, 4096, False, 1): GemvConfig(512, 16, 32, 4, 1, False, False),
+    (4096, 28672, True, 1): GemvConfig(512, 16, 14, 4, 1, False, False, peel=True),
+    (14336, 4096, False, 1): GemvConfig(512, 16, 49, 4, 1, False, False, peel=True),
+    (4096, 12288, False, 1): GemvConfig(512, 16, 22, 4, 1, False, False, peel=True),
+    (4096, 22016, True, 1): GemvConfig(512, 16, 18, 4, 1, False, False, peel=True),
+    (11008, 4096, False, 1): GemvConfig(512, 16, 49, 4, 1, False, False, peel=True),
+    # H100, 2026-11-23.
     (4096, 1024, False, 1): GemvConfig(128, 32, 32, 4, 1, False, False),
     (4096, 28672, False, 1): GemvConfig(512, 16, 5, 4, 1, False, True),
-    (4096, 28672, True, 1): GemvConfig(512, 16, 10, 4, 1, False, False),
     (4096, 14336, False, 1): GemvConfig(512, 16, 10, 4, 1, False, True),
-    (14336, 4096, False, 1): GemvConfig(512, 16, 33, 4, 1, False, True),
     (4096, 22016, False, 1): GemvConfig(512, 16, 7, 4, 1, False, True),
-    (4096, 22016, True, 1): GemvConfig(512, 16, 12, 4, 1, False, False),
     (4096, 11008, False, 1): GemvConfig(512, 16, 12, 4, 1, False, True),
-    (11008, 4096, False, 1): GemvConfig(512, 16, 33, 4, 1, False, False),
     (4096, 6144, False, 16): GemvConfig(256, 64, 11, 4, 1, True, False),
     (4096, 28672, True, 16): GemvConfig(256, 64, 10, 4, 1, True, False),
     (14336, 4096, False, 16): GemvConfig(256, 32, 33, 4, 3, True, False),
@@ -609,7 +708,9 @@ def _heuristic(k: int, n: int, pair: bool, b: int, device: torch.device) -> Gemv
     # Keep the compaction tile (bb x chunk) small enough for registers.
     while bb * triton.next_power_of_2(triton.cdiv(k, split)) > 16384:
         split *= 2
-    return GemvConfig(block_n, rows, split, 4, 1, b > 1, b == 1 and block_n <= 128)
+    prefetch = b == 1 and block_n <= 128
+    # Wide batch-1 runs: the peeled walk was never slower in the H200 search.
+    return GemvConfig(block_n, rows, split, 4, 1, b > 1, prefetch, peel=b == 1 and not prefetch)
 
 
 # Quantized weights (kernels/triton_quant.py): key (K, N, pair, batch bucket, format),
@@ -785,9 +886,12 @@ def _launch(
         n_out = n
         slots = len(splits)
 
+    peel = cfg.peel and not use_dot and not cfg.prefetch
     y = torch.empty((b, n_out), dtype=x.dtype, device=dev)
-    idx = torch.empty(slots * split * kc, dtype=torch.int32, device=dev)
-    val = torch.empty(slots * split * bb * kc, dtype=x.dtype, device=dev)
+    # The peeled walk reads the next step's indices unmasked, up to ROWS past a slot.
+    pad = rows if peel else 0
+    idx = torch.empty(slots * split * kc + pad, dtype=torch.int32, device=dev)
+    val = torch.empty(slots * split * bb * kc + pad, dtype=x.dtype, device=dev)
     if split > 1:
         part = torch.empty((split, b, n), dtype=torch.float32, device=dev)
         locks = _locks(dev, grid_n)
@@ -831,6 +935,10 @@ def _launch(
         PREFETCH=cfg.prefetch and not use_dot,
         F32_DOT=_interpreting() or x.dtype == torch.float32,
         INTERPRET=_interpreting(),
+        ROW_SUM=cfg.row_sum and not use_dot,
+        PEEL=peel,
+        EVEN_N=all(w % block_n == 0 for w in splits),
+        OFF32=k * wt.stride(0) < 2**31,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
