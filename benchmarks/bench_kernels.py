@@ -31,6 +31,8 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 from teal.kernels import reference as ref
 from teal.kernels import triton_gemv as tg
@@ -503,6 +505,48 @@ def graph_tune(dtype_name, workers, log, n_layers=32, pyt=None, only_final=False
 
 # --------------------------------------------------------------------------- per-site graph tuning
 
+
+@triton.jit
+def _noop_kernel(y_ptr):
+    if tl.program_id(0) + tl.program_id(1) == 0:
+        tl.store(y_ptr, 1.0)
+
+
+def _floor(name, dtype, n_layers, gen):
+    kernel, splits, ws, x, t = _chain(name, dtype, n_layers, gen)
+    _, k, _, pair = CASES[name]
+    cfg = tg.get_config(k, sum(splits), dtype, 1, pair)
+    t.fill_(1e30)
+    ours = _time_graph(lambda: [our_fn(kernel, x, w, t, splits, cfg)() for w in ws], n_layers)
+    grid_n = sum(-(-w // cfg.block_n) for w in (splits[:1] if pair else splits))
+    grid = (grid_n, -(-k // -(-k // cfg.split_k)))
+    y = torch.empty(1, device="cuda")
+    empty = _time_graph(lambda: [_noop_kernel[grid](y) for _ in ws], n_layers)
+    x16 = x[:, :16].contiguous()
+    w16 = [w[:16].contiguous() for w in ws]
+    cub = _time_graph(lambda: [x16 @ w for w in w16], n_layers)
+    return {
+        "config": vars_cfg(cfg),
+        "grid": list(grid),
+        "ours_all_dropped_us": ours[0],
+        "empty_kernel_us": empty[0],
+        "cublas_16_rows_us": cub[0],
+    }
+
+
+def floors(dtype_name, log, n_layers=32, cases=None):
+    """Per launch, in a CUDA graph of ``n_layers`` launches over distinct weights: our
+    kernel (the table's configuration) with every input dropped; an empty Triton kernel
+    on the same grid (what launching alone costs); cuBLAS on 16 kept rows (its floor)."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    out = {}
+    for name in cases or GRAPH_SITES:
+        out[name] = _floor(name, DTYPES[dtype_name], n_layers, gen)
+        log(f"floor {name:15s} {out[name]}")
+        torch.cuda.empty_cache()
+    return out
+
+
 SITE_CASES = [
     "l3.qkv",
     "l3.q_o",
@@ -540,6 +584,10 @@ def site_candidates(name, sms):
         (1024, 32, 4, False, True, True),
         (512, 16, 2, False, True, True),
     ]
+    if pair:
+        # The gate|up walk over one shared list loads two runs a step: narrower blocks
+        # keep its two accumulators in registers.
+        shapes += [(256, 16, 4, False, False, True), (256, 32, 4, False, False, True)]
     for block_n, rows, warps, pre, rs, peel in shapes:
         nb = blocks(block_n)
         for per_sm in (1, 2, 3, 4):
@@ -759,6 +807,12 @@ def main():
         "(see graph_tune) and write the result here",
     )
     ap.add_argument(
+        "--floors",
+        default=None,
+        metavar="JSON",
+        help="only time each decode launch's fixed cost in a 32-launch CUDA graph (see floors)",
+    )
+    ap.add_argument(
         "--site-tune",
         default=None,
         metavar="JSON",
@@ -812,6 +866,12 @@ def main():
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
+
+    if args.floors:
+        res = floors(args.dtypes.split(",")[0], log)
+        with open(args.floors, "w") as f:
+            json.dump({**meta, "floors": res}, f, indent=1)
+        return
 
     if args.site_tune:
         cases = [c for c in args.cases.split(",") if c in SITE_CASES]

@@ -145,6 +145,10 @@ def test_every_config_path(cfg, dtype):
     check_close(y, ref.sparse_linear_fused(x, wt, t, (100, 50)), dtype)
     g = tg.sparse_gate_up_act(x, wt[:, :150], t, "silu", config=cfg)
     check_close(g, ref.sparse_gate_up_act(x, wt[:, :150], t, "silu"), dtype)
+    # One threshold for gate and up: the peeled configs walk one shared list.
+    t1 = _tensor([_threshold(x, 0.45)] * 2)
+    g = tg.sparse_gate_up_act(x, wt[:, :150], t1, "silu", config=cfg)
+    check_close(g, ref.sparse_gate_up_act(x, wt[:, :150], t1, "silu"), dtype)
 
 
 @pytest.mark.parametrize(
@@ -164,6 +168,8 @@ def test_block_width_dividing_n(cfg, dtype):
     check_close(y, ref.sparse_linear_fused(x, wt, t, (64, 32, 32)), dtype)
     g = tg.sparse_gate_up_act(x, wt, t[:2], "silu", config=cfg)
     check_close(g, ref.sparse_gate_up_act(x, wt, t[:2], "silu"), dtype)
+    g = tg.sparse_gate_up_act(x, wt, t[1:2].expand(2), "silu", config=cfg)
+    check_close(g, ref.sparse_gate_up_act(x, wt, t[1:2].expand(2), "silu"), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -12,12 +12,15 @@ channel is a whole row never read. One launch does everything:
    chunk (a few KB of ``x``): all programs that share a chunk write the same bytes to
    the same scratch slot (an idempotent write; each program reads back what it wrote
    after a CTA barrier, so no program waits for another). gate|up with the activation
-   loads ``x`` once and writes both lists (the two thresholds may differ).
+   loads ``x`` once and writes both lists; when the two thresholds are equal (every
+   uniform setting) it writes one and walks it once for both (``_walk2``).
 2. Row walk (``_walk``). The program gathers ``ROWS`` kept rows at a time, each a
    contiguous run of ``BLOCK_N`` weights, and accumulates in fp32. Time therefore falls
-   with the kept bytes. Compaction and walk are separate functions so that quantized
-   weights (int8 per-output-channel scales, group-wise int4 along K) can reuse the
-   compaction and swap in a walk that dequantizes.
+   with the kept bytes. The peeled variant (``peel``) runs whole steps unmasked and one
+   masked step for the remainder: fewer instructions per weight byte, which shows once
+   several CTAs share an SM. Compaction and walk are separate functions so that
+   quantized weights (int8 per-output-channel scales, group-wise int4 along K) can
+   reuse the compaction and swap in a walk that dequantizes.
 3. Split-K reduction. When the ``N`` blocks alone cannot fill the GPU, ``K`` is split
    into ``split_k`` chunks. Each program writes its fp32 partial; an atomic ticket per
    output block elects the last arriving program, which sums the partials in fixed
@@ -41,6 +44,13 @@ before the first weight address is known, then the scratch round trip and the sp
 tickets), 2-3 us more than cuBLAS's smallest GEMV. So the large matrices beat cuBLAS on
 the compacted matrix at 25-65 % sparsity and the small ones (q, k, v, o) trail it by
 5-20 %.
+On the H200, timed as decoding runs them (32 launches over distinct weights in one CUDA
+graph; benchmarks/results/kernels-*-h200-2026-12-01-s2.json), a launch that drops every
+input costs 5-10 us against 0.9-1.1 us for an empty kernel on the same grid and
+2.4-3.1 us for cuBLAS on 16 rows; at p = 0 the launches take 1.10-1.22x cuBLAS's dense
+time; the walk over kept rows reaches 3.3 TB/s on gate|up at 50 % (cuBLAS streams the
+dense matrix at 4.3) and much less on the small launches, where the fixed cost weighs
+most.
 
 No host synchronisation, grid sizes depend only on shapes, and thresholds are read on
 the device: the launchers can be captured in CUDA graphs. Configurations are picked
@@ -386,6 +396,83 @@ def _segment(pid_n, W0, W1, W2, W3, NSEG: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _pair_walks(
+    xv, score, k, t1, B, w_ptr, stride_wk, cols, cols2, nmask, idx_ptr, val_ptr, slot0,
+    slot1, cnt0, BB: tl.constexpr, KC: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, USE_DOT: tl.constexpr, F32_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, ROW_SUM: tl.constexpr,
+    PEEL: tl.constexpr, EVEN_N: tl.constexpr, OFF32: tl.constexpr,
+):  # fmt: skip
+    """gate|up with the up list compacted under its own threshold: two walks in turn."""
+    cnt1 = _compact(xv, score, k, t1, B, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, BB, KC)
+    # Makes this CTA's scratch writes visible to all of its threads.
+    tl.debug_barrier()
+    acc = _walk(
+        w_ptr, stride_wk, cols, nmask, idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, cnt0,
+        B, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT, PREFETCH, INTERPRET, ROW_SUM, PEEL,
+        EVEN_N, OFF32,
+    )  # fmt: skip
+    acc2 = _walk(
+        w_ptr, stride_wk, cols2, nmask, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, cnt1,
+        B, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT, PREFETCH, INTERPRET, ROW_SUM, PEEL,
+        EVEN_N, OFF32,
+    )  # fmt: skip
+    return acc, acc2
+
+
+@triton.jit
+def _walk2(
+    w_ptr, stride_wk, cols, cols2, nmask, idx_ptr, val_ptr, cnt, KC: tl.constexpr,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, INTERPRET: tl.constexpr,
+    ROW_SUM: tl.constexpr, EVEN_N: tl.constexpr, OFF32: tl.constexpr,
+):  # fmt: skip
+    """Batch 1, one compacted list for two column runs of each row (gate and up): one
+    index and value load per step serves both, both runs' loads are in flight together,
+    and the loop starts and drains once. Peeled as in ``_walk``."""
+    offs_r = tl.arange(0, ROWS)
+    if ROW_SUM:
+        acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    rows = tl.load(idx_ptr + offs_r, mask=offs_r < cnt, other=0)
+    if INTERPRET:
+        # No tensor loop bounds in the interpreter (see _walk): masked steps over KC.
+        for j in range(0, KC, ROWS):
+            r = j + offs_r
+            rmask = r < cnt
+            w = _gather(w_ptr, stride_wk, cols, nmask, rows, rmask, EVEN_N, OFF32, True)
+            w2 = _gather(w_ptr, stride_wk, cols2, nmask, rows, rmask, EVEN_N, OFF32, True)
+            v = tl.load(val_ptr + r, mask=rmask, other=0.0)
+            rows = tl.load(idx_ptr + ROWS + r, mask=ROWS + r < cnt, other=0)
+            acc = _fma(acc, v, w, ROW_SUM)
+            acc2 = _fma(acc2, v, w2, ROW_SUM)
+    else:
+        n_full = cnt - cnt % ROWS
+        for j in range(0, n_full, ROWS):
+            j0 = tl.multiple_of(j, ROWS)
+            full = offs_r < ROWS
+            w = _gather(w_ptr, stride_wk, cols, nmask, rows, full, EVEN_N, OFF32, False)
+            w2 = _gather(w_ptr, stride_wk, cols2, nmask, rows, full, EVEN_N, OFF32, False)
+            v = tl.load(val_ptr + j0 + offs_r)
+            rows = tl.load(idx_ptr + j0 + ROWS + offs_r)
+            acc = _fma(acc, v, w, ROW_SUM)
+            acc2 = _fma(acc2, v, w2, ROW_SUM)
+        r = n_full + offs_r
+        rmask = r < cnt
+        w = _gather(w_ptr, stride_wk, cols, nmask, rows, rmask, EVEN_N, OFF32, True)
+        w2 = _gather(w_ptr, stride_wk, cols2, nmask, rows, rmask, EVEN_N, OFF32, True)
+        v = tl.load(val_ptr + r, mask=rmask, other=0.0)
+        acc = _fma(acc, v, w, ROW_SUM)
+        acc2 = _fma(acc2, v, w2, ROW_SUM)
+    if ROW_SUM:
+        return acc, acc2
+    else:
+        return tl.sum(acc, axis=0)[None, :], tl.sum(acc2, axis=0)[None, :]
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr,
     stride_xb,
@@ -427,6 +514,7 @@ def _sparse_gemv_kernel(
     PEEL: tl.constexpr = False,
     EVEN_N: tl.constexpr = False,
     OFF32: tl.constexpr = False,
+    PAIR_WALK: tl.constexpr = False,
 ):
     """Grid ``(output blocks, split_k)``.
 
@@ -458,55 +546,28 @@ def _sparse_gemv_kernel(
         cnt0 = _compact(
             xv, score, k, t0, B, idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, BB, KC
         )
-        cnt1 = _compact(
-            xv, score, k, t1, B, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, BB, KC
-        )
-        # Makes this CTA's scratch writes visible to all of its threads.
-        tl.debug_barrier()
-        acc = _walk(
-            w_ptr,
-            stride_wk,
-            cols,
-            nmask,
-            idx_ptr + slot0 * KC,
-            val_ptr + slot0 * BB * KC,
-            cnt0,
-            B,
-            BB,
-            KC,
-            BLOCK_N,
-            ROWS,
-            USE_DOT,
-            F32_DOT,
-            PREFETCH,
-            INTERPRET,
-            ROW_SUM,
-            PEEL,
-            EVEN_N,
-            OFF32,
-        )
-        acc2 = _walk(
-            w_ptr,
-            stride_wk,
-            cols2,
-            nmask,
-            idx_ptr + slot1 * KC,
-            val_ptr + slot1 * BB * KC,
-            cnt1,
-            B,
-            BB,
-            KC,
-            BLOCK_N,
-            ROWS,
-            USE_DOT,
-            F32_DOT,
-            PREFETCH,
-            INTERPRET,
-            ROW_SUM,
-            PEEL,
-            EVEN_N,
-            OFF32,
-        )
+        if PAIR_WALK:
+            if t0 == t1:
+                # One threshold (every uniform setting): one list, and one walk that
+                # loads the gate and the up run of each kept row together.
+                tl.debug_barrier()
+                acc, acc2 = _walk2(
+                    w_ptr, stride_wk, cols, cols2, nmask, idx_ptr + slot0 * KC,
+                    val_ptr + slot0 * BB * KC, cnt0, KC, BLOCK_N, ROWS, INTERPRET, ROW_SUM,
+                    EVEN_N, OFF32,
+                )  # fmt: skip
+            else:
+                acc, acc2 = _pair_walks(
+                    xv, score, k, t1, B, w_ptr, stride_wk, cols, cols2, nmask, idx_ptr,
+                    val_ptr, slot0, slot1, cnt0, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT,
+                    PREFETCH, INTERPRET, ROW_SUM, PEEL, EVEN_N, OFF32,
+                )  # fmt: skip
+        else:
+            acc, acc2 = _pair_walks(
+                xv, score, k, t1, B, w_ptr, stride_wk, cols, cols2, nmask, idx_ptr,
+                val_ptr, slot0, slot1, cnt0, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT,
+                PREFETCH, INTERPRET, ROW_SUM, PEEL, EVEN_N, OFF32,
+            )  # fmt: skip
     else:
         seg, blk, col0, width = _segment(pid_n, W0, W1, W2, W3, NSEG, BLOCK_N)
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -642,11 +703,10 @@ class GemvConfig:
 
 # Batch 1, the launches decoding makes (qkv, o, gate|up with its activation, down):
 # winners of the in-graph search on one H200 (benchmarks/bench_kernels.py --site-tune,
-# 2026-12-01; benchmarks/results/kernels-site-tune-h200-2026-12-01-s2.json), least
-# summed time at sparsity 0, .25, .4, .5, .65 with 32 launches over distinct weights in
-# one CUDA graph. The l3 gate|up winner there (1024 columns, row-sum walk) tied with the
-# peeled 512-column walk at 14 chunks (231.9 against 232.9 us summed) and had the higher
-# floor with every input dropped, so the entry is the latter.
+# 2026-12-01), least summed time at sparsity 0, .25, .4, .5, .65 with 32 launches over
+# distinct weights in one CUDA graph: qkv, o, down from
+# benchmarks/results/kernels-site-tune-h200-2026-12-01-s2.json, gate|up (searched again
+# once it walked one shared list) from kernels-site-tune-pair-h200-2026-12-01-s2.json.
 # Other entries: the H100 search (benchmarks/bench_kernels.py --tune, 2026-11-23), a
 # starting point elsewhere; run tune() or --site-tune for another GPU.
 # bf16; fp16 reads the same bytes and uses the same entries.
@@ -654,10 +714,10 @@ class GemvConfig:
 _TABLE: dict[tuple[int, int, bool, int], GemvConfig] = {
     (4096, 6144, False, 1): GemvConfig(512, 16, 22, 4, 1, False, False, peel=True),
     (4096, 4096, False, 1): GemvConfig(512, 16, 32, 4, 1, False, False),
-    (4096, 28672, True, 1): GemvConfig(512, 16, 14, 4, 1, False, False, peel=True),
+    (4096, 28672, True, 1): GemvConfig(512, 16, 9, 4, 1, False, False, peel=True),
     (14336, 4096, False, 1): GemvConfig(512, 16, 49, 4, 1, False, False, peel=True),
     (4096, 12288, False, 1): GemvConfig(512, 16, 22, 4, 1, False, False, peel=True),
-    (4096, 22016, True, 1): GemvConfig(512, 16, 18, 4, 1, False, False, peel=True),
+    (4096, 22016, True, 1): GemvConfig(256, 32, 6, 4, 1, False, False, peel=True),
     (11008, 4096, False, 1): GemvConfig(512, 16, 49, 4, 1, False, False, peel=True),
     # H100, 2026-11-23.
     (4096, 1024, False, 1): GemvConfig(128, 32, 32, 4, 1, False, False),
@@ -717,13 +777,15 @@ def _heuristic(k: int, n: int, pair: bool, b: int, device: torch.device) -> Gemv
 # format "int8" or "int4" (block_n counts output columns: int4 reads block_n / 2 bytes
 # of each kept row).  Winners of the small search in benchmarks/bench_quant.py on one
 # H200, 2026-12-01 (least time at p = 0 plus p = 0.5; Llama-3-8B shapes, int4 g128;
-# benchmarks/results/quant-kernels-h200-2026-12-01-run3.json).
+# benchmarks/results/quant-kernels-h200-2026-12-01-run3.json; the int8 lm_head entry
+# from the search that added the peeled walk, quant-kernels-h200-2026-12-01-s2.json,
+# where every other winner was the entry already here).
 _QTABLE: dict[tuple[int, int, bool, int, str], GemvConfig] = {
     (4096, 6144, False, 1, "int8"): GemvConfig(256, 32, 22, 4, 1, False, True),
     (4096, 4096, False, 1, "int8"): GemvConfig(512, 16, 33, 4, 1, False, True),
     (4096, 28672, True, 1, "int8"): GemvConfig(512, 16, 10, 4, 1, False, True),
     (14336, 4096, False, 1, "int8"): GemvConfig(512, 16, 33, 4, 1, False, True),
-    (4096, 128256, False, 1, "int8"): GemvConfig(512, 16, 3, 4, 1, False, True),
+    (4096, 128256, False, 1, "int8"): GemvConfig(512, 16, 2, 4, 1, False, False, peel=True),
     (4096, 6144, False, 1, "int4"): GemvConfig(512, 16, 32, 4, 1, False, True),
     (4096, 4096, False, 1, "int4"): GemvConfig(512, 16, 32, 4, 1, False, True),
     (4096, 28672, True, 1, "int4"): GemvConfig(512, 16, 10, 4, 1, False, True),
@@ -939,6 +1001,7 @@ def _launch(
         PEEL=peel,
         EVEN_N=all(w % block_n == 0 for w in splits),
         OFF32=k * wt.stride(0) < 2**31,
+        PAIR_WALK=pair and peel,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
