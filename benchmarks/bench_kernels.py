@@ -2,6 +2,10 @@
 
     PYTHONPATH=src python benchmarks/bench_kernels.py --out results/kernels-h100-DATE.json
     PYTHONPATH=src python benchmarks/bench_kernels.py --tune --out ...  # search configs first
+    # where decoding runs them: each launch 32 times over distinct weights in one CUDA
+    # graph, against cuBLAS dense and compacted; --graph-tune adds the 4-launch layer
+    PYTHONPATH=src python benchmarks/bench_kernels.py --site-tune ST.json --graph-tune L.json
+    PYTHONPATH=src python benchmarks/bench_kernels.py --floors F.json  # fixed cost per launch
 
 Kernel names in the result rows:
   sparse               sparse_gemv, one weight (q, k, v, o, gate, up or down alone)

@@ -769,8 +769,11 @@ def _heuristic(k: int, n: int, pair: bool, b: int, device: torch.device) -> Gemv
     while bb * triton.next_power_of_2(triton.cdiv(k, split)) > 16384:
         split *= 2
     prefetch = b == 1 and block_n <= 128
-    # Wide batch-1 runs: the peeled walk was never slower in the H200 search.
-    return GemvConfig(block_n, rows, split, 4, 1, b > 1, prefetch, peel=b == 1 and not prefetch)
+    # Wide batch-1 runs: the peeled walk was never slower in the H200 search, except for
+    # gate|up, whose shared two-run walk at 512 columns was erratic across chunk counts
+    # (60-200 us for Llama-2-7B's; kernels-site-tune-pair-h200-2026-12-01-s2.json).
+    peel = b == 1 and not prefetch and not pair
+    return GemvConfig(block_n, rows, split, 4, 1, b > 1, prefetch, peel=peel)
 
 
 # Quantized weights (kernels/triton_quant.py): key (K, N, pair, batch bucket, format),
