@@ -2,6 +2,10 @@
 
     PYTHONPATH=src python benchmarks/bench_kernels.py --out results/kernels-h100-DATE.json
     PYTHONPATH=src python benchmarks/bench_kernels.py --tune --out ...  # search configs first
+    # where decoding runs them: each launch 32 times over distinct weights in one CUDA
+    # graph, against cuBLAS dense and compacted; --graph-tune adds the 4-launch layer
+    PYTHONPATH=src python benchmarks/bench_kernels.py --site-tune ST.json --graph-tune L.json
+    PYTHONPATH=src python benchmarks/bench_kernels.py --floors F.json  # fixed cost per launch
 
 Kernel names in the result rows:
   sparse               sparse_gemv, one weight (q, k, v, o, gate, up or down alone)
@@ -20,6 +24,7 @@ effective_gbps counts the kept weight rows, the input and the output.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -30,6 +35,8 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 from teal.kernels import reference as ref
 from teal.kernels import triton_gemv as tg
@@ -48,6 +55,7 @@ CASES = {
     "l3.gate_up_act": ("sparse_gate_up_act", D, (FFN3, FFN3), True),
     "l3.up": ("sparse", D, (FFN3,), False),
     "l3.down": ("sparse", FFN3, (D,), False),
+    "l2.qkv": ("sparse_qkv", D, (D, D, D), False),
     "l2.gate_up": ("sparse_gate_up", D, (FFN2, FFN2), False),
     "l2.gate_up_act": ("sparse_gate_up_act", D, (FFN2, FFN2), True),
     "l2.up": ("sparse", D, (FFN2,), False),
@@ -259,15 +267,7 @@ def tune_phase(dtype_name, rep_ms, workers, log):
 
 
 def vars_cfg(c):
-    return {
-        "block_n": c.block_n,
-        "rows": c.rows,
-        "split_k": c.split_k,
-        "num_warps": c.num_warps,
-        "num_stages": c.num_stages,
-        "dot": c.dot,
-        "prefetch": c.prefetch,
-    }
+    return dataclasses.asdict(c)
 
 
 def bench_case(name, dtype_name, b, p_list, rep_ms, log):
@@ -389,7 +389,7 @@ def _variants(base):
     return uniq
 
 
-def graph_tune(dtype_name, workers, log, n_layers=32, pyt=None):
+def graph_tune(dtype_name, workers, log, n_layers=32, pyt=None, only_final=False):
     """Tune the batch-1 configurations where they run: a CUDA graph replaying the four
     projections of ``n_layers`` layers back to back (distinct weights per layer, so
     nothing stays in L2 but the inputs, as in decoding), timed per replay with CUDA
@@ -401,11 +401,15 @@ def graph_tune(dtype_name, workers, log, n_layers=32, pyt=None):
     the table beat it in the graph, so the table stands; programmatic dependent launch
     (tl.extra.cuda.gdc_wait + launch_pdl, tried then) gained nothing and was removed."""
     dtype = DTYPES[dtype_name]
-    base = {}
+    base, pinned = {}, {}
     for name in GRAPH_SITES:
         _, k, splits, pair = CASES[name]
-        base[name] = tg.get_config(k, sum(splits), dtype, 1, pair)
-    cands = {nm: _variants(base[nm]) for nm in GRAPH_SITES}
+        n = sum(splits)
+        dev = torch.device("cuda")
+        base[name] = tg._TABLE.get((k, n, pair, 1)) or tg._heuristic(k, n, pair, 1, dev)
+        pinned[name] = tg.get_config(k, n, dtype, 1, pair)
+    # only_final: the configurations pinned now (site_tune's winners) against the table.
+    cands = {nm: [] if only_final else _variants(base[nm]) for nm in GRAPH_SITES}
     jobs = [(nm, dtype_name, 1, c) for nm in GRAPH_SITES for c in cands[nm]]
     t0 = time.time()
     parallel_compile(jobs, workers)
@@ -468,7 +472,7 @@ def graph_tune(dtype_name, workers, log, n_layers=32, pyt=None):
         return sum(r[p] for p in GRAPH_P)
 
     out = {"dtype": dtype_name, "layers": n_layers, "scored_p": GRAPH_P, "rows": []}
-    best = dict(base)
+    best = dict(pinned if only_final else base)
     cur = score(measure(best))
     # 1. Coordinate descent over sites.
     for name in GRAPH_SITES:
@@ -494,10 +498,288 @@ def graph_tune(dtype_name, workers, log, n_layers=32, pyt=None):
         fin["base"].append(measure(base, ps))
         fin["best"].append(measure(best, ps))
     out["final_us_per_layer"] = fin
+    if only_final:
+        out["cublas_us_per_layer"] = cublas_layer(sites, set_p, ps, n_layers)
+        log(f"graph-tune: cuBLAS per layer {out['cublas_us_per_layer']}")
     out["base"] = {nm: vars_cfg(c) for nm, c in base.items()}
     out["best"] = {nm: vars_cfg(c) for nm, c in best.items()}
     log(f"graph-tune: base {fin['base']}\n best {fin['best']}\n configs {out['best']}")
     return out
+
+
+# --------------------------------------------------------------------------- per-site graph tuning
+
+
+@triton.jit
+def _noop_kernel(y_ptr):
+    if tl.program_id(0) + tl.program_id(1) == 0:
+        tl.store(y_ptr, 1.0)
+
+
+def _floor(name, dtype, n_layers, gen):
+    kernel, splits, ws, x, t = _chain(name, dtype, n_layers, gen)
+    _, k, _, pair = CASES[name]
+    cfg = tg.get_config(k, sum(splits), dtype, 1, pair)
+    t.fill_(1e30)
+    ours = _time_graph(lambda: [our_fn(kernel, x, w, t, splits, cfg)() for w in ws], n_layers)
+    grid_n = sum(-(-w // cfg.block_n) for w in (splits[:1] if pair else splits))
+    grid = (grid_n, -(-k // -(-k // cfg.split_k)))
+    y = torch.empty(1, device="cuda")
+    empty = _time_graph(lambda: [_noop_kernel[grid](y) for _ in ws], n_layers)
+    x16 = x[:, :16].contiguous()
+    w16 = [w[:16].contiguous() for w in ws]
+    cub = _time_graph(lambda: [x16 @ w for w in w16], n_layers)
+    return {
+        "config": vars_cfg(cfg),
+        "grid": list(grid),
+        "ours_all_dropped_us": ours[0],
+        "empty_kernel_us": empty[0],
+        "cublas_16_rows_us": cub[0],
+    }
+
+
+def floors(dtype_name, log, n_layers=32, cases=None):
+    """Per launch, in a CUDA graph of ``n_layers`` launches over distinct weights: our
+    kernel (the table's configuration) with every input dropped; an empty Triton kernel
+    on the same grid (what launching alone costs); cuBLAS on 16 kept rows (its floor)."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    out = {}
+    for name in cases or GRAPH_SITES:
+        out[name] = _floor(name, DTYPES[dtype_name], n_layers, gen)
+        log(f"floor {name:15s} {out[name]}")
+        torch.cuda.empty_cache()
+    return out
+
+
+SITE_CASES = [
+    "l3.qkv",
+    "l3.q_o",
+    "l3.gate_up_act",
+    "l3.down",
+    "l2.qkv",
+    "l2.gate_up_act",
+    "l2.down",
+]
+SITE_P = [0.0, 0.25, 0.4, 0.5, 0.65]  # what teal bench runs; the score sums them
+
+
+def site_candidates(name, sms):
+    """A small search over six loop structures, each at the split-K counts that make
+    one to four CTAs per SM (rounded down, so a launch never spills into a partial
+    second wave where it fits: a few leftover CTAs cost a whole extra pass):
+    the table's 2-D accumulator over 512-wide row runs (peeled, or double-buffered),
+    and the row-sum walk (8 columns per thread, warps along N) at 1024 (4 warps;
+    16 rows a step peeled or double-buffered, 32 peeled) and 512 (2 warps) columns.
+    Plus the table's entry."""
+    _, k, splits, pair = CASES[name]
+    n = sum(splits)
+    base = tg.get_config(k, n, torch.bfloat16, 1, pair)
+    out = [base]
+
+    def blocks(block_n):
+        return sum(-(-w // block_n) for w in (splits[:1] if pair else splits))
+
+    shapes = [
+        # block_n, rows, warps, prefetch, row_sum, peel
+        (512, 16, 4, False, False, True),
+        (512, 16, 4, True, False, False),
+        (1024, 16, 4, False, True, True),
+        (1024, 16, 4, True, True, False),
+        (1024, 32, 4, False, True, True),
+        (512, 16, 2, False, True, True),
+    ]
+    if pair:
+        # The gate|up walk over one shared list loads two runs a step: narrower blocks
+        # keep its two accumulators in registers.
+        shapes += [(256, 16, 4, False, False, True), (256, 32, 4, False, False, True)]
+    for block_n, rows, warps, pre, rs, peel in shapes:
+        nb = blocks(block_n)
+        for per_sm in (1, 2, 3, 4):
+            sk = max(1, min(per_sm * sms // nb, k // 64))
+            out.append(tg.GemvConfig(block_n, rows, sk, warps, 1, False, pre, rs, peel))
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq
+
+
+def _chain(name, dtype, n_layers, gen):
+    kernel, k, splits, pair = CASES[name]
+    n = sum(splits)
+    ws = [
+        torch.empty(k, n, device="cuda", dtype=dtype).normal_(0, k**-0.5, generator=gen)
+        for _ in range(n_layers)
+    ]
+    x = torch.randn(1, k, device="cuda", generator=gen, dtype=torch.float32).to(dtype)
+    t = torch.zeros(2 if pair else len(splits), device="cuda")
+    return kernel, splits, ws, x, t
+
+
+def _time_graph(run, n_calls, reps=15):
+    """Median microseconds per call of a CUDA graph of ``n_calls`` launches."""
+    run()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = run()
+    for _ in range(3):
+        g.replay()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / n_calls)
+    return sorted(ts)[len(ts) // 2], g, out
+
+
+def _replays(g, n_calls, reps=15):
+    """Median microseconds per call over ``reps`` replays of graph ``g``."""
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / n_calls)
+    return sorted(ts)[len(ts) // 2]
+
+
+def _cublas_chain(x, mats):
+    """cuBLAS over a list of weights, both layouts ([K, N]: x @ w; [N, K]: F.linear);
+    the faster median microseconds per call."""
+    n = len(mats)
+    us = _time_graph(lambda: [x @ m for m in mats], n)[0]
+    nk = [m.t().contiguous() for m in mats]
+    us_nk = _time_graph(lambda: [torch.nn.functional.linear(x, m) for m in nk], n)[0]
+    return min(us, us_nk)
+
+
+def _site_row(kernel, x, ws, t, splits, cfg, ths, tol):
+    row = {**vars_cfg(cfg), "us": {}}
+    t.fill_(ths[SITE_P.index(0.5)])
+    _, g, outs = _time_graph(lambda: [our_fn(kernel, x, w, t, splits, cfg)() for w in ws], 1, 1)
+    g.replay()
+    torch.cuda.synchronize()
+    o0 = torch.cat(outs[0], -1) if isinstance(outs[0], list) else outs[0]
+    row["rel_err_p0.5"] = rel_err(o0, ref_out(kernel, x, ws[0], t, splits))
+    row["ok"] = row["rel_err_p0.5"] < tol
+    for p, th in zip(SITE_P, ths):
+        t.fill_(th)
+        for _ in range(3):
+            g.replay()
+        row["us"][str(p)] = _replays(g, len(ws))
+    row["score"] = sum(row["us"].values())
+    return row
+
+
+def site_tune(dtype_name, workers, log, n_layers=32, cases=None):
+    """Each site's candidates timed where they run: a CUDA graph of ``n_layers`` launches
+    of that site over distinct weights (only the input stays in L2, as in decoding), at
+    each of SITE_P; cuBLAS on the dense and on the compacted matrices (same kept rows)
+    the same way. Pins and returns the candidate with the least summed time per site."""
+    dtype = DTYPES[dtype_name]
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = cases or SITE_CASES
+    cands = {nm: site_candidates(nm, sms) for nm in cases}
+    jobs = [(nm, dtype_name, 1, c) for nm in cases for c in cands[nm]]
+    t0 = time.time()
+    parallel_compile(jobs, workers)
+    log(f"site-tune: compiled {len(jobs)} launches in {time.time() - t0:.0f}s")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    res = {"dtype": dtype_name, "layers": n_layers, "p": SITE_P, "sites": {}}
+    for name in cases:
+        kernel, splits, ws, x, t = _chain(name, dtype, n_layers, gen)
+        _, k, _, pair = CASES[name]
+        n = sum(splits)
+        ths = [threshold_for(x, p) for p in SITE_P]
+        site = {"shape": [n, k], "cublas": _cublas_chain(x, ws), "compact": {}, "kept": {}}
+        for p, th in zip(SITE_P, ths):
+            keep = ref.keep_mask(x, torch.tensor(th, device="cuda")).any(dim=0)
+            site["kept"][str(p)] = int(keep.sum())
+            site["compact"][str(p)] = _cublas_chain(
+                x[:, keep].contiguous(), [w[keep].contiguous() for w in ws]
+            )
+            torch.cuda.empty_cache()
+        site["configs"] = []
+        for cfg in cands[name]:
+            try:
+                row = _site_row(kernel, x, ws, t, splits, cfg, ths, tol)
+                msg = " ".join(f"{row['us'][str(p)]:6.1f}" for p in SITE_P)
+                msg += f" err {row['rel_err_p0.5']:.1e}"
+            except Exception as e:  # noqa: BLE001 - report and go on
+                row = {**vars_cfg(cfg), "error": repr(e)[:300]}
+                msg = row["error"]
+            site["configs"].append(row)
+            log(f"{name:15s} {tuple(vars_cfg(cfg).values())} {msg}")
+        win = min((r for r in site["configs"] if r.get("ok")), key=lambda r: r["score"])
+        site["best"] = {kk: win[kk] for kk in tg.GemvConfig.__dataclass_fields__}
+        base = site["configs"][0]["us"]
+        for dt in DTYPES.values():
+            tg.set_config(k, n, dt, tg.GemvConfig(**site["best"]), 1, pair)
+        log(f"{name:15s} cuBLAS dense {site['cublas']:.1f} us/launch; best {site['best']}")
+        esize = ws[0].element_size()
+        for p in SITE_P:
+            us, uc = win["us"][str(p)], site["compact"][str(p)]
+            kb = site["kept"][str(p)] * n * esize
+            log(
+                f"   p={p:.2f} ours {us:6.1f} (table {base[str(p)]:6.1f}) compacted cuBLAS"
+                f" {uc:6.1f}: {us / uc:.3f}; {kb / us / 1e3:.0f} vs {kb / uc / 1e3:.0f} GB/s"
+            )
+        res["sites"][name] = site
+        del ws, x
+        torch.cuda.empty_cache()
+    log("_TABLE entries (paste into src/teal/kernels/triton_gemv.py):")
+    for name in cases:
+        _, k, splits, pair = CASES[name]
+        c = tg.GemvConfig(**res["sites"][name]["best"])
+        log(f"    ({k}, {sum(splits)}, {pair}, 1): {c!r},")
+    return res
+
+
+def cublas_layer(sites, set_p, ps, n_layers):
+    """cuBLAS per layer (x @ wt, the dense model's layout) in the same chain: dense, and
+    on the compacted matrices (each site's kept rows at each sparsity)."""
+
+    def chain(mats):
+        def run():
+            outs = []
+            for layer in range(n_layers):
+                for name in GRAPH_SITES:
+                    xx, m = mats[name]
+                    outs.append(xx @ m[layer])
+            return outs
+
+        return _time_graph(run, n_layers)[0]
+
+    res = {"dense": chain({nm: (s[3], s[2]) for nm, s in sites.items()})}
+    for p in ps:
+        if p >= 1:
+            continue
+        set_p(p)
+        mats = {}
+        for nm, (_kernel, _splits, ws, x, t) in sites.items():
+            keep = ref.keep_mask(x, t[0]).any(dim=0)
+            mats[nm] = (x[:, keep].contiguous(), [w[keep].contiguous() for w in ws])
+        res[str(p)] = chain(mats)
+        del mats
+        torch.cuda.empty_cache()
+    return res
+
+
+def apply_site_best(res):
+    fields = tg.GemvConfig.__dataclass_fields__
+    for name, site in res["sites"].items():
+        cfg = tg.GemvConfig(**{k: v for k, v in site["best"].items() if k in fields})
+        _, k, splits, pair = CASES[name]
+        for dt in DTYPES.values():
+            tg.set_config(k, sum(splits), dt, cfg, 1, pair)
 
 
 def apply_graph_tune(path):
@@ -527,6 +809,19 @@ def main():
         metavar="JSON",
         help="only tune the Llama-3-8B batch-1 launches inside a 32-layer CUDA graph "
         "(see graph_tune) and write the result here",
+    )
+    ap.add_argument(
+        "--floors",
+        default=None,
+        metavar="JSON",
+        help="only time each decode launch's fixed cost in a 32-launch CUDA graph (see floors)",
+    )
+    ap.add_argument(
+        "--site-tune",
+        default=None,
+        metavar="JSON",
+        help="only tune each batch-1 site in a CUDA graph of 32 launches against cuBLAS "
+        "(dense and compacted) and write the result here (see site_tune)",
     )
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument(
@@ -575,6 +870,24 @@ def main():
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
+
+    if args.floors:
+        res = floors(args.dtypes.split(",")[0], log)
+        with open(args.floors, "w") as f:
+            json.dump({**meta, "floors": res}, f, indent=1)
+        return
+
+    if args.site_tune:
+        cases = [c for c in args.cases.split(",") if c in SITE_CASES]
+        res = site_tune(args.dtypes.split(",")[0], args.workers, log, cases=cases or None)
+        with open(args.site_tune, "w") as f:
+            json.dump({**meta, **res}, f, indent=1)
+        if args.graph_tune:
+            apply_site_best(res)
+            res = graph_tune(args.dtypes.split(",")[0], args.workers, log, pyt=pyt, only_final=True)
+            with open(args.graph_tune, "w") as f:
+                json.dump({**meta, **res}, f, indent=1)
+        return
 
     if args.graph_tune:
         res = graph_tune(args.dtypes.split(",")[0], args.workers, log, pyt=pyt)

@@ -135,6 +135,19 @@ def candidates(fmt, k, n, pair):
             continue
         split = split_for(block_n, waves, 128 if fmt == "int4" else 64)
         out.append(tg.GemvConfig(block_n, rows, split, warps, 1, False, pre))
+    if fmt == "int8":
+        # The peeled walk, and the row-sum walk (16 int8 columns per thread, warps along
+        # N: 512 columns a warp), as in the bf16 search of bench_kernels.py --site-tune.
+        for block_n, warps, waves, rs in (
+            (512, 4, 2, False),
+            (512, 4, 4, False),
+            (1024, 2, 2, True),
+            (2048, 4, 2, True),
+        ):
+            if block_n > max(32, 2 * n_eff):
+                continue
+            split = split_for(block_n, waves, 64)
+            out.append(tg.GemvConfig(block_n, 16, split, warps, 1, False, False, rs, True))
     return list(dict.fromkeys(out))
 
 

@@ -125,11 +125,14 @@ CONFIGS = [
     tg.GemvConfig(block_n=64, rows=32, split_k=1, num_warps=4, num_stages=3, dot=True),
     tg.GemvConfig(block_n=64, rows=16, split_k=3, num_warps=4, prefetch=True),
     tg.GemvConfig(block_n=512, rows=16, split_k=1, num_warps=8, prefetch=True),
+    tg.GemvConfig(block_n=64, rows=16, split_k=3, num_warps=1, row_sum=True),
+    tg.GemvConfig(block_n=32, rows=16, split_k=5, num_warps=1, row_sum=True, peel=True),
+    tg.GemvConfig(block_n=64, rows=32, split_k=1, num_warps=2, peel=True),
 ]
 
 
 def _cfg_id(c):
-    return f"n{c.block_n}r{c.rows}s{c.split_k}d{c.dot:d}p{c.prefetch:d}"
+    return f"n{c.block_n}r{c.rows}s{c.split_k}d{c.dot:d}p{c.prefetch:d}r{c.row_sum:d}e{c.peel:d}"
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
@@ -142,6 +145,31 @@ def test_every_config_path(cfg, dtype):
     check_close(y, ref.sparse_linear_fused(x, wt, t, (100, 50)), dtype)
     g = tg.sparse_gate_up_act(x, wt[:, :150], t, "silu", config=cfg)
     check_close(g, ref.sparse_gate_up_act(x, wt[:, :150], t, "silu"), dtype)
+    # One threshold for gate and up: the peeled configs walk one shared list.
+    t1 = _tensor([_threshold(x, 0.45)] * 2)
+    g = tg.sparse_gate_up_act(x, wt[:, :150], t1, "silu", config=cfg)
+    check_close(g, ref.sparse_gate_up_act(x, wt[:, :150], t1, "silu"), dtype)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        tg.GemvConfig(block_n=32, rows=16, split_k=3, num_warps=1, row_sum=True, peel=True),
+        tg.GemvConfig(block_n=16, rows=32, split_k=1, num_warps=1, peel=True),
+    ],
+    ids=_cfg_id,
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_width_dividing_n(cfg, dtype):
+    """Segments that the block width divides: the walk drops its column mask."""
+    x, wt, _ = _inputs(1, 203, 128, dtype, seed=12)
+    t = _tensor([_threshold(x, 0.3), _threshold(x, 0.5), _threshold(x, 0.7)])
+    y = tg.sparse_gemv_fused(x, wt, t, (64, 32, 32), config=cfg)
+    check_close(y, ref.sparse_linear_fused(x, wt, t, (64, 32, 32)), dtype)
+    g = tg.sparse_gate_up_act(x, wt, t[:2], "silu", config=cfg)
+    check_close(g, ref.sparse_gate_up_act(x, wt, t[:2], "silu"), dtype)
+    g = tg.sparse_gate_up_act(x, wt, t[1:2].expand(2), "silu", config=cfg)
+    check_close(g, ref.sparse_gate_up_act(x, wt, t[1:2].expand(2), "silu"), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

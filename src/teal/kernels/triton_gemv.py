@@ -12,12 +12,15 @@ channel is a whole row never read. One launch does everything:
    chunk (a few KB of ``x``): all programs that share a chunk write the same bytes to
    the same scratch slot (an idempotent write; each program reads back what it wrote
    after a CTA barrier, so no program waits for another). gate|up with the activation
-   loads ``x`` once and writes both lists (the two thresholds may differ).
+   loads ``x`` once and writes both lists; when the two thresholds are equal (every
+   uniform setting) it writes one and walks it once for both (``_walk2``).
 2. Row walk (``_walk``). The program gathers ``ROWS`` kept rows at a time, each a
    contiguous run of ``BLOCK_N`` weights, and accumulates in fp32. Time therefore falls
-   with the kept bytes. Compaction and walk are separate functions so that quantized
-   weights (int8 per-output-channel scales, group-wise int4 along K) can reuse the
-   compaction and swap in a walk that dequantizes.
+   with the kept bytes. The peeled variant (``peel``) runs whole steps unmasked and one
+   masked step for the remainder: fewer instructions per weight byte, which shows once
+   several CTAs share an SM. Compaction and walk are separate functions so that
+   quantized weights (int8 per-output-channel scales, group-wise int4 along K) can
+   reuse the compaction and swap in a walk that dequantizes.
 3. Split-K reduction. When the ``N`` blocks alone cannot fill the GPU, ``K`` is split
    into ``split_k`` chunks. Each program writes its fp32 partial; an atomic ticket per
    output block elects the last arriving program, which sums the partials in fixed
@@ -41,6 +44,13 @@ before the first weight address is known, then the scratch round trip and the sp
 tickets), 2-3 us more than cuBLAS's smallest GEMV. So the large matrices beat cuBLAS on
 the compacted matrix at 25-65 % sparsity and the small ones (q, k, v, o) trail it by
 5-20 %.
+On the H200, timed as decoding runs them (32 launches over distinct weights in one CUDA
+graph; benchmarks/results/kernels-*-h200-2026-12-01-s2.json), a launch that drops every
+input costs 5-10 us against 0.9-1.1 us for an empty kernel on the same grid and
+2.4-3.1 us for cuBLAS on 16 rows; at p = 0 the launches take 1.10-1.22x cuBLAS's dense
+time; the walk over kept rows reaches 3.3 TB/s on gate|up at 50 % (cuBLAS streams the
+dense matrix at 4.3) and much less on the small launches, where the fixed cost weighs
+most.
 
 No host synchronisation, grid sizes depend only on shapes, and thresholds are read on
 the device: the launchers can be captured in CUDA graphs. Configurations are picked
@@ -149,6 +159,10 @@ def _walk(
     F32_DOT: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ROW_SUM: tl.constexpr = False,
+    PEEL: tl.constexpr = False,
+    EVEN_N: tl.constexpr = False,
+    OFF32: tl.constexpr = False,
 ):
     """Sum over the ``cnt`` compacted rows of ``val[b, j] * wt[idx[j], cols]`` in fp32.
 
@@ -160,6 +174,12 @@ def _walk(
     if USE_DOT:
         acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
         b = tl.arange(0, BB)
+    elif ROW_SUM:
+        # 1-D accumulator, each step's rows summed at once: with a tile whose warps all
+        # lie along N (BLOCK_N = 256 * num_warps for 16-byte loads) that sum stays inside
+        # each thread, and the registers a 2-D accumulator would take hold more weight
+        # loads in flight instead.
+        acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
     else:
         # 2-D accumulator: one cross-thread reduction at the end instead of per step.
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
@@ -176,15 +196,34 @@ def _walk(
                 r1 = j + ROWS + offs_r
                 w1, v1 = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r1, cnt)
                 rows = tl.load(idx_ptr + ROWS + r1, mask=ROWS + r1 < cnt, other=0)
-                acc += v.to(tl.float32)[:, None] * _wf32(w)
+                acc = _fma(acc, v, w, ROW_SUM)
                 w, v = w1, v1
         else:
             for j in range(0, cnt, ROWS):
                 r1 = j + ROWS + offs_r
                 w1, v1 = _load_rows(w_ptr, stride_wk, cols, nmask, val_ptr, rows, r1, cnt)
                 rows = tl.load(idx_ptr + ROWS + r1, mask=ROWS + r1 < cnt, other=0)
-                acc += v.to(tl.float32)[:, None] * _wf32(w)
+                acc = _fma(acc, v, w, ROW_SUM)
                 w, v = w1, v1
+    elif PEEL and not INTERPRET and not USE_DOT:
+        # Whole steps first, with no row mask (and no column mask when the block width
+        # divides N): the loads are unpredicated, the index and value loads 16-byte
+        # vectors, and no register is zeroed for masked lanes. A step costs fewer
+        # instructions per weight byte, which matters once several CTAs share an SM.
+        # Then one masked step for the remainder. The scratch slots are padded by ROWS
+        # so the index load one step ahead may read past the list (never used unmasked).
+        n_full = cnt - cnt % ROWS
+        for j in range(0, n_full, ROWS):
+            j0 = tl.multiple_of(j, ROWS)
+            w = _gather(w_ptr, stride_wk, cols, nmask, rows, offs_r < ROWS, EVEN_N, OFF32, False)
+            v = tl.load(val_ptr + j0 + offs_r)
+            rows = tl.load(idx_ptr + j0 + ROWS + offs_r)
+            acc = _fma(acc, v, w, ROW_SUM)
+        r = n_full + offs_r
+        rmask = r < cnt
+        w = _gather(w_ptr, stride_wk, cols, nmask, rows, rmask, EVEN_N, OFF32, True)
+        v = tl.load(val_ptr + r, mask=rmask, other=0.0)
+        acc = _fma(acc, v, w, ROW_SUM)
     else:
         if INTERPRET:
             for j in range(0, KC, ROWS):
@@ -194,7 +233,7 @@ def _walk(
                 if USE_DOT:
                     acc = _dot_acc(acc, w, val_ptr, b, B, r, cnt, KC, F32_DOT)
                 else:
-                    acc += v.to(tl.float32)[:, None] * _wf32(w)
+                    acc = _fma(acc, v, w, ROW_SUM)
         else:
             for j in range(0, cnt, ROWS):
                 r = j + offs_r
@@ -203,11 +242,53 @@ def _walk(
                 if USE_DOT:
                     acc = _dot_acc(acc, w, val_ptr, b, B, r, cnt, KC, F32_DOT)
                 else:
-                    acc += v.to(tl.float32)[:, None] * _wf32(w)
-    if USE_DOT:
+                    acc = _fma(acc, v, w, ROW_SUM)
+    if USE_DOT or ROW_SUM:
         return acc
     else:
         return tl.sum(acc, axis=0)[None, :]
+
+
+@triton.jit
+def _fma(acc, v, w, ROW_SUM: tl.constexpr):
+    """Batch-1 step: ``acc += v[:, None] * w``, summed over the step's rows at once
+    when ``ROW_SUM`` (``acc`` is then ``[1, BLOCK_N]``)."""
+    prod = v.to(tl.float32)[:, None] * _wf32(w)
+    if ROW_SUM:
+        return acc + tl.sum(prod, axis=0, keep_dims=True)
+    else:
+        return acc + prod
+
+
+@triton.jit
+def _gather(
+    w_ptr,
+    stride_wk,
+    cols,
+    nmask,
+    rows,
+    rmask,
+    EVEN_N: tl.constexpr,
+    OFF32: tl.constexpr,
+    MASK_R: tl.constexpr,
+):
+    """Rows ``rows`` of the block's columns; masked by ``rmask`` only when ``MASK_R``,
+    by ``nmask`` only when not ``EVEN_N``. ``OFF32``: row offsets fit in int32 (one
+    wide multiply-add per row instead of a 64-bit product)."""
+    if OFF32:
+        ptrs = w_ptr + (rows * stride_wk)[:, None] + cols[None, :]
+    else:
+        ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wk + cols[None, :]
+    if MASK_R:
+        if EVEN_N:
+            m = rmask[:, None]
+        else:
+            m = rmask[:, None] & nmask[None, :]
+        return tl.load(ptrs, mask=m, other=0.0)
+    elif EVEN_N:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=nmask[None, :], other=0.0)
 
 
 @triton.jit
@@ -315,6 +396,83 @@ def _segment(pid_n, W0, W1, W2, W3, NSEG: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _pair_walks(
+    xv, score, k, t1, B, w_ptr, stride_wk, cols, cols2, nmask, idx_ptr, val_ptr, slot0,
+    slot1, cnt0, BB: tl.constexpr, KC: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, USE_DOT: tl.constexpr, F32_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, ROW_SUM: tl.constexpr,
+    PEEL: tl.constexpr, EVEN_N: tl.constexpr, OFF32: tl.constexpr,
+):  # fmt: skip
+    """gate|up with the up list compacted under its own threshold: two walks in turn."""
+    cnt1 = _compact(xv, score, k, t1, B, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, BB, KC)
+    # Makes this CTA's scratch writes visible to all of its threads.
+    tl.debug_barrier()
+    acc = _walk(
+        w_ptr, stride_wk, cols, nmask, idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, cnt0,
+        B, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT, PREFETCH, INTERPRET, ROW_SUM, PEEL,
+        EVEN_N, OFF32,
+    )  # fmt: skip
+    acc2 = _walk(
+        w_ptr, stride_wk, cols2, nmask, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, cnt1,
+        B, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT, PREFETCH, INTERPRET, ROW_SUM, PEEL,
+        EVEN_N, OFF32,
+    )  # fmt: skip
+    return acc, acc2
+
+
+@triton.jit
+def _walk2(
+    w_ptr, stride_wk, cols, cols2, nmask, idx_ptr, val_ptr, cnt, KC: tl.constexpr,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, INTERPRET: tl.constexpr,
+    ROW_SUM: tl.constexpr, EVEN_N: tl.constexpr, OFF32: tl.constexpr,
+):  # fmt: skip
+    """Batch 1, one compacted list for two column runs of each row (gate and up): one
+    index and value load per step serves both, both runs' loads are in flight together,
+    and the loop starts and drains once. Peeled as in ``_walk``."""
+    offs_r = tl.arange(0, ROWS)
+    if ROW_SUM:
+        acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    rows = tl.load(idx_ptr + offs_r, mask=offs_r < cnt, other=0)
+    if INTERPRET:
+        # No tensor loop bounds in the interpreter (see _walk): masked steps over KC.
+        for j in range(0, KC, ROWS):
+            r = j + offs_r
+            rmask = r < cnt
+            w = _gather(w_ptr, stride_wk, cols, nmask, rows, rmask, EVEN_N, OFF32, True)
+            w2 = _gather(w_ptr, stride_wk, cols2, nmask, rows, rmask, EVEN_N, OFF32, True)
+            v = tl.load(val_ptr + r, mask=rmask, other=0.0)
+            rows = tl.load(idx_ptr + ROWS + r, mask=ROWS + r < cnt, other=0)
+            acc = _fma(acc, v, w, ROW_SUM)
+            acc2 = _fma(acc2, v, w2, ROW_SUM)
+    else:
+        n_full = cnt - cnt % ROWS
+        for j in range(0, n_full, ROWS):
+            j0 = tl.multiple_of(j, ROWS)
+            full = offs_r < ROWS
+            w = _gather(w_ptr, stride_wk, cols, nmask, rows, full, EVEN_N, OFF32, False)
+            w2 = _gather(w_ptr, stride_wk, cols2, nmask, rows, full, EVEN_N, OFF32, False)
+            v = tl.load(val_ptr + j0 + offs_r)
+            rows = tl.load(idx_ptr + j0 + ROWS + offs_r)
+            acc = _fma(acc, v, w, ROW_SUM)
+            acc2 = _fma(acc2, v, w2, ROW_SUM)
+        r = n_full + offs_r
+        rmask = r < cnt
+        w = _gather(w_ptr, stride_wk, cols, nmask, rows, rmask, EVEN_N, OFF32, True)
+        w2 = _gather(w_ptr, stride_wk, cols2, nmask, rows, rmask, EVEN_N, OFF32, True)
+        v = tl.load(val_ptr + r, mask=rmask, other=0.0)
+        acc = _fma(acc, v, w, ROW_SUM)
+        acc2 = _fma(acc2, v, w2, ROW_SUM)
+    if ROW_SUM:
+        return acc, acc2
+    else:
+        return tl.sum(acc, axis=0)[None, :], tl.sum(acc2, axis=0)[None, :]
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr,
     stride_xb,
@@ -352,6 +510,11 @@ def _sparse_gemv_kernel(
     F32_DOT: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ROW_SUM: tl.constexpr = False,
+    PEEL: tl.constexpr = False,
+    EVEN_N: tl.constexpr = False,
+    OFF32: tl.constexpr = False,
+    PAIR_WALK: tl.constexpr = False,
 ):
     """Grid ``(output blocks, split_k)``.
 
@@ -383,47 +546,28 @@ def _sparse_gemv_kernel(
         cnt0 = _compact(
             xv, score, k, t0, B, idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, BB, KC
         )
-        cnt1 = _compact(
-            xv, score, k, t1, B, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, BB, KC
-        )
-        # Makes this CTA's scratch writes visible to all of its threads.
-        tl.debug_barrier()
-        acc = _walk(
-            w_ptr,
-            stride_wk,
-            cols,
-            nmask,
-            idx_ptr + slot0 * KC,
-            val_ptr + slot0 * BB * KC,
-            cnt0,
-            B,
-            BB,
-            KC,
-            BLOCK_N,
-            ROWS,
-            USE_DOT,
-            F32_DOT,
-            PREFETCH,
-            INTERPRET,
-        )
-        acc2 = _walk(
-            w_ptr,
-            stride_wk,
-            cols2,
-            nmask,
-            idx_ptr + slot1 * KC,
-            val_ptr + slot1 * BB * KC,
-            cnt1,
-            B,
-            BB,
-            KC,
-            BLOCK_N,
-            ROWS,
-            USE_DOT,
-            F32_DOT,
-            PREFETCH,
-            INTERPRET,
-        )
+        if PAIR_WALK:
+            if t0 == t1:
+                # One threshold (every uniform setting): one list, and one walk that
+                # loads the gate and the up run of each kept row together.
+                tl.debug_barrier()
+                acc, acc2 = _walk2(
+                    w_ptr, stride_wk, cols, cols2, nmask, idx_ptr + slot0 * KC,
+                    val_ptr + slot0 * BB * KC, cnt0, KC, BLOCK_N, ROWS, INTERPRET, ROW_SUM,
+                    EVEN_N, OFF32,
+                )  # fmt: skip
+            else:
+                acc, acc2 = _pair_walks(
+                    xv, score, k, t1, B, w_ptr, stride_wk, cols, cols2, nmask, idx_ptr,
+                    val_ptr, slot0, slot1, cnt0, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT,
+                    PREFETCH, INTERPRET, ROW_SUM, PEEL, EVEN_N, OFF32,
+                )  # fmt: skip
+        else:
+            acc, acc2 = _pair_walks(
+                xv, score, k, t1, B, w_ptr, stride_wk, cols, cols2, nmask, idx_ptr,
+                val_ptr, slot0, slot1, cnt0, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT,
+                PREFETCH, INTERPRET, ROW_SUM, PEEL, EVEN_N, OFF32,
+            )  # fmt: skip
     else:
         seg, blk, col0, width = _segment(pid_n, W0, W1, W2, W3, NSEG, BLOCK_N)
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -454,6 +598,10 @@ def _sparse_gemv_kernel(
             F32_DOT,
             PREFETCH,
             INTERPRET,
+            ROW_SUM,
+            PEEL,
+            EVEN_N,
+            OFF32,
         )
         acc2 = acc  # unused
         cols2 = cols  # unused
@@ -549,23 +697,34 @@ class GemvConfig:
     num_stages: int = 1
     dot: bool = False  # batch 1 through tl.dot (batches > 1 always use it)
     prefetch: bool = False  # FMA path: load the next rows before this step's math
+    row_sum: bool = False  # FMA path: 1-D accumulator, each step's rows summed at once
+    peel: bool = False  # FMA path without prefetch: unmasked whole steps, one masked tail
 
 
-# Measured on one H100 80GB HBM3 (benchmarks/bench_kernels.py --tune, 2026-11-23), bf16;
-# fp16 reads the same bytes and uses the same entries. Other GPUs: a starting point, run
-# tune(). Key: (K, N of the launch, pair, batch bucket).
+# Batch 1, the launches decoding makes (qkv, o, gate|up with its activation, down):
+# winners of the in-graph search on one H200 (benchmarks/bench_kernels.py --site-tune,
+# 2026-12-01), least summed time at sparsity 0, .25, .4, .5, .65 with 32 launches over
+# distinct weights in one CUDA graph: qkv, o, down from
+# benchmarks/results/kernels-site-tune-h200-2026-12-01-s2.json, gate|up (searched again
+# once it walked one shared list) from kernels-site-tune-pair-h200-2026-12-01-s2.json.
+# Other entries: the H100 search (benchmarks/bench_kernels.py --tune, 2026-11-23), a
+# starting point elsewhere; run tune() or --site-tune for another GPU.
+# bf16; fp16 reads the same bytes and uses the same entries.
+# Key: (K, N of the launch, pair, batch bucket).
 _TABLE: dict[tuple[int, int, bool, int], GemvConfig] = {
-    (4096, 6144, False, 1): GemvConfig(512, 16, 22, 4, 1, False, False),
+    (4096, 6144, False, 1): GemvConfig(512, 16, 22, 4, 1, False, False, peel=True),
     (4096, 4096, False, 1): GemvConfig(512, 16, 32, 4, 1, False, False),
+    (4096, 28672, True, 1): GemvConfig(512, 16, 9, 4, 1, False, False, peel=True),
+    (14336, 4096, False, 1): GemvConfig(512, 16, 49, 4, 1, False, False, peel=True),
+    (4096, 12288, False, 1): GemvConfig(512, 16, 22, 4, 1, False, False, peel=True),
+    (4096, 22016, True, 1): GemvConfig(256, 32, 6, 4, 1, False, False, peel=True),
+    (11008, 4096, False, 1): GemvConfig(512, 16, 49, 4, 1, False, False, peel=True),
+    # H100, 2026-11-23.
     (4096, 1024, False, 1): GemvConfig(128, 32, 32, 4, 1, False, False),
     (4096, 28672, False, 1): GemvConfig(512, 16, 5, 4, 1, False, True),
-    (4096, 28672, True, 1): GemvConfig(512, 16, 10, 4, 1, False, False),
     (4096, 14336, False, 1): GemvConfig(512, 16, 10, 4, 1, False, True),
-    (14336, 4096, False, 1): GemvConfig(512, 16, 33, 4, 1, False, True),
     (4096, 22016, False, 1): GemvConfig(512, 16, 7, 4, 1, False, True),
-    (4096, 22016, True, 1): GemvConfig(512, 16, 12, 4, 1, False, False),
     (4096, 11008, False, 1): GemvConfig(512, 16, 12, 4, 1, False, True),
-    (11008, 4096, False, 1): GemvConfig(512, 16, 33, 4, 1, False, False),
     (4096, 6144, False, 16): GemvConfig(256, 64, 11, 4, 1, True, False),
     (4096, 28672, True, 16): GemvConfig(256, 64, 10, 4, 1, True, False),
     (14336, 4096, False, 16): GemvConfig(256, 32, 33, 4, 3, True, False),
@@ -609,20 +768,27 @@ def _heuristic(k: int, n: int, pair: bool, b: int, device: torch.device) -> Gemv
     # Keep the compaction tile (bb x chunk) small enough for registers.
     while bb * triton.next_power_of_2(triton.cdiv(k, split)) > 16384:
         split *= 2
-    return GemvConfig(block_n, rows, split, 4, 1, b > 1, b == 1 and block_n <= 128)
+    prefetch = b == 1 and block_n <= 128
+    # Wide batch-1 runs: the peeled walk was never slower in the H200 search, except for
+    # gate|up, whose shared two-run walk at 512 columns was erratic across chunk counts
+    # (60-200 us for Llama-2-7B's; kernels-site-tune-pair-h200-2026-12-01-s2.json).
+    peel = b == 1 and not prefetch and not pair
+    return GemvConfig(block_n, rows, split, 4, 1, b > 1, prefetch, peel=peel)
 
 
 # Quantized weights (kernels/triton_quant.py): key (K, N, pair, batch bucket, format),
 # format "int8" or "int4" (block_n counts output columns: int4 reads block_n / 2 bytes
 # of each kept row).  Winners of the small search in benchmarks/bench_quant.py on one
 # H200, 2026-12-01 (least time at p = 0 plus p = 0.5; Llama-3-8B shapes, int4 g128;
-# benchmarks/results/quant-kernels-h200-2026-12-01-run3.json).
+# benchmarks/results/quant-kernels-h200-2026-12-01-run3.json; the int8 lm_head entry
+# from the search that added the peeled walk, quant-kernels-h200-2026-12-01-s2.json,
+# where every other winner was the entry already here).
 _QTABLE: dict[tuple[int, int, bool, int, str], GemvConfig] = {
     (4096, 6144, False, 1, "int8"): GemvConfig(256, 32, 22, 4, 1, False, True),
     (4096, 4096, False, 1, "int8"): GemvConfig(512, 16, 33, 4, 1, False, True),
     (4096, 28672, True, 1, "int8"): GemvConfig(512, 16, 10, 4, 1, False, True),
     (14336, 4096, False, 1, "int8"): GemvConfig(512, 16, 33, 4, 1, False, True),
-    (4096, 128256, False, 1, "int8"): GemvConfig(512, 16, 3, 4, 1, False, True),
+    (4096, 128256, False, 1, "int8"): GemvConfig(512, 16, 2, 4, 1, False, False, peel=True),
     (4096, 6144, False, 1, "int4"): GemvConfig(512, 16, 32, 4, 1, False, True),
     (4096, 4096, False, 1, "int4"): GemvConfig(512, 16, 32, 4, 1, False, True),
     (4096, 28672, True, 1, "int4"): GemvConfig(512, 16, 10, 4, 1, False, True),
@@ -785,9 +951,12 @@ def _launch(
         n_out = n
         slots = len(splits)
 
+    peel = cfg.peel and not use_dot and not cfg.prefetch
     y = torch.empty((b, n_out), dtype=x.dtype, device=dev)
-    idx = torch.empty(slots * split * kc, dtype=torch.int32, device=dev)
-    val = torch.empty(slots * split * bb * kc, dtype=x.dtype, device=dev)
+    # The peeled walk reads the next step's indices unmasked, up to ROWS past a slot.
+    pad = rows if peel else 0
+    idx = torch.empty(slots * split * kc + pad, dtype=torch.int32, device=dev)
+    val = torch.empty(slots * split * bb * kc + pad, dtype=x.dtype, device=dev)
     if split > 1:
         part = torch.empty((split, b, n), dtype=torch.float32, device=dev)
         locks = _locks(dev, grid_n)
@@ -831,6 +1000,11 @@ def _launch(
         PREFETCH=cfg.prefetch and not use_dot,
         F32_DOT=_interpreting() or x.dtype == torch.float32,
         INTERPRET=_interpreting(),
+        ROW_SUM=cfg.row_sum and not use_dot,
+        PEEL=peel,
+        EVEN_N=all(w % block_n == 0 for w in splits),
+        OFF32=k * wt.stride(0) < 2**31,
+        PAIR_WALK=pair and peel,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
