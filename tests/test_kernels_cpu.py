@@ -453,21 +453,21 @@ def _fused_and_op_by_op(model, prompt, steps, monkeypatch):
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(cpu.DecodeGlue, "block", lambda *args: None)
-        model.setup_cache(1, prompt.shape[1] + steps)
-        n = prompt.shape[1]
+        b, n = prompt.shape
+        model.setup_cache(b, n + steps)
         with torch.inference_mode():
             tok = model(prompt, torch.arange(n))[:, -1].argmax(-1)
             logits = []
             for i in range(steps):
-                out = model(tok.view(1, 1), torch.tensor([n + i]))
+                out = model(tok.view(b, 1), torch.tensor([n + i]))
                 logits.append(out)
                 tok = out[:, -1].argmax(-1)
-        runs.append(torch.cat(logits))
+        runs.append(torch.cat(logits, dim=1))
     return runs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["plain", "window+bias", "scales"])
+@pytest.mark.parametrize("variant", ["plain", "window+bias", "scales", "two rows"])
 def test_fused_native_block_is_bit_identical_to_op_by_op(dtype, variant, monkeypatch):
     """The one-call block runs the same kernels in the same order with the same roundings
     as the op-by-op path (itself tested against the torch reference above): equal bits."""
@@ -487,7 +487,8 @@ def test_fused_native_block_is_bit_identical_to_op_by_op(dtype, variant, monkeyp
         scales = [{s: torch.rand(k, generator=g) + 0.5 for s, k in widths.items()}] * 3
     model.set_sparsity(_calibrated(model, 0.5), mode="decode", scales=scales)
     model.set_backend("cpu")
-    prompt = torch.randint(0, 211, (1, 5), generator=_gen(8))
+    rows = 2 if variant == "two rows" else 1
+    prompt = torch.randint(0, 211, (rows, 5), generator=_gen(8))
     fused, op_by_op = _fused_and_op_by_op(model, prompt, 10, monkeypatch)
     assert torch.equal(fused, op_by_op)
     assert len(cpu._PLANS) >= 3  # the fused path did run
