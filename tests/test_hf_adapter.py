@@ -197,7 +197,7 @@ def test_calibrate_api_writes_what_the_cli_writes(tmp_path, monkeypatch, capsys)
     out = tmp_path / "cli.calib.safetensors"
     argv = ["calibrate", "--model", str(folder), "--text", str(text), "--tokens", "800"]
     assert teal.cli.main([*argv, "--seq-len", "128", "--out", str(out), "--json"]) == 0
-    assert '"methods": ["greedy-layers"]' in capsys.readouterr().out
+    assert '"methods": ["auto"]' in capsys.readouterr().out  # the default method
     from_cli = Calibration.load(out)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

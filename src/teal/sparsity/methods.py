@@ -155,17 +155,26 @@ def setting_for(cal: Calibration, method: str, sparsity: float, model=None) -> S
 
 
 def select_method(cal: Calibration, sparsity: float) -> str:
-    """The candidate with the least held-out KL at ``sparsity`` (linear between the
-    levels it was measured at, from zero KL at sparsity 0); ties go to the earlier
-    candidate, uniform first."""
-    kl = cal.tables["select.kl"].double().tolist()
+    """``uniform``, unless another candidate's held-out loss at ``sparsity`` is no
+    greater than uniform's in both protocols; among those, the least loss summed over
+    the protocols (ties go to the earlier candidate; the rule takes any number of
+    candidates).  Losses are linear between the levels they were measured at, from
+    zero at sparsity 0.
+
+    Why not the least summed loss alone: one protocol's gain would then pay for the
+    other's loss, and the promise is never worse than uniform in either."""
+    nll = cal.tables["select.nll"].double().tolist()  # [protocol][candidate][level]
     # The grid is stored in fp32: round it back to the levels it was measured at.
     xs = [0.0, *(round(v, 6) for v in cal.tables["select.grid"].double().tolist())]
-    best, best_kl = SELECT_CANDIDATES[0], math.inf
-    for name, row in zip(SELECT_CANDIDATES, kl, strict=True):
-        value = _interp(xs, [0.0, *row], sparsity)
-        if value < best_kl:
-            best, best_kl = name, value
+    loss = [
+        [_interp(xs, [0.0, *row], sparsity) for row in proto] for proto in nll
+    ]  # [protocol][candidate]
+    base = [proto[0] for proto in loss]  # uniform, the first candidate
+    best, best_sum = SELECT_CANDIDATES[0], sum(base)
+    for i, name in enumerate(SELECT_CANDIDATES[1:], start=1):
+        mine = [proto[i] for proto in loss]
+        if all(m <= b for m, b in zip(mine, base, strict=True)) and sum(mine) < best_sum:
+            best, best_sum = name, sum(mine)
     return best
 
 
