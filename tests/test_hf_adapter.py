@@ -197,7 +197,7 @@ def test_calibrate_api_writes_what_the_cli_writes(tmp_path, monkeypatch, capsys)
     out = tmp_path / "cli.calib.safetensors"
     argv = ["calibrate", "--model", str(folder), "--text", str(text), "--tokens", "800"]
     assert teal.cli.main([*argv, "--seq-len", "128", "--out", str(out), "--json"]) == 0
-    assert '"methods": ["greedy-layers"]' in capsys.readouterr().out
+    assert '"methods": ["auto"]' in capsys.readouterr().out  # the default method
     from_cli = Calibration.load(out)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -205,7 +205,8 @@ def test_calibrate_api_writes_what_the_cli_writes(tmp_path, monkeypatch, capsys)
     assert api.fingerprint == from_cli.fingerprint
     assert torch.equal(api.stats.counts, from_cli.stats.counts)
     assert set(api.tables) == set(from_cli.tables) == {
-        "greedy.levels", "greedy.error", "greedy.block_sparsity", "greedy.sensitivity"
+        "greedy.levels", "greedy.error", "greedy.block_sparsity", "greedy.sensitivity",
+        "select.nll", "select.grid",  # the default method, auto, reads both kinds
     }  # fmt: skip
     for name, t in from_cli.tables.items():
         assert torch.equal(api.tables[name], t), name

@@ -169,45 +169,80 @@ def test_evaluate_runs_every_method(setup) -> None:
         assert all(r.perplexity > 1 and r.method == method for r in res)
 
 
-def test_auto_picks_the_candidate_with_least_held_out_kl(setup) -> None:
-    """``auto`` uses one of its candidates' settings at each level, the one whose KL
-    measured on the held-out calibration tokens is least."""
+def test_selection_losses_are_the_perplexity_protocols(setup) -> None:
+    """``method_nll`` measures what ``teal eval`` reports: its decode-like row (dense
+    prefill through the KV cache) and full row are the log-perplexity increases of
+    ``evaluate`` over the same windows."""
+    import math
+
     from teal.sparsity.methods import SELECT_CANDIDATES
-    from teal.sparsity.tables import SELECT_GRID, method_kl
+    from teal.sparsity.tables import SELECT_GRID, method_nll
 
     model, cal, toks = setup
-    kl = cal.tables["select.kl"]
-    assert kl.shape == (len(SELECT_CANDIDATES), len(SELECT_GRID))
-    assert bool(torch.isfinite(kl[0]).all()) and bool((kl[0] > 0).all())
-    assert bool((kl[0].diff() > 0).all())  # uniform's KL grows with sparsity
-    window = min(allocate.HELD_OUT_WINDOW, model.config.max_seq_len)
-    ids = allocate.held_out_windows(toks[2000 : 2000 + allocate.HELD_OUT_TOKENS], window, None)
-    again = method_kl(model, cal, ids, (0.5,), progress=False)
+    nll = cal.tables["select.nll"]
+    assert nll.shape == (2, len(SELECT_CANDIDATES), len(SELECT_GRID))
+    assert bool(torch.isfinite(nll[:, 0]).all())
+    ids = allocate.held_out_windows(toks[2000:2256], 128, None)
+    got = method_nll(model, cal, ids, (0.5,), progress=False)
+    assert model.sparse_mode == "off" and model.layers[0].attention.kv_cache is None
+    for i, name in enumerate(SELECT_CANDIDATES):
+        thr = setting_for(cal, name, 0.5, model).thresholds
+        res = evaluate(model, ids.flatten(), {0.0: None, 0.5: thr}, window=128, progress=False)
+        ppl = {(r.protocol, r.sparsity): r.perplexity for r in res}
+        for k, proto in enumerate(("decode-like", "full")):
+            want = math.log(ppl[(proto, 0.5)] / ppl[(proto, 0.0)])
+            assert got[k, i, 0].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_auto_uses_its_choice_and_the_rule_on_the_tables(setup) -> None:
+    from teal.sparsity.methods import SELECT_CANDIDATES, select_method
+
+    model, cal, toks = setup
     for p in (0.25, 0.5):
         s = setting_for(cal, "auto", p, model)
-        assert s.method == "auto" and s.chosen in SELECT_CANDIDATES
+        assert s.method == "auto" and s.chosen == select_method(cal, p)
         assert torch.equal(s.thresholds, setting_for(cal, s.chosen, p, model).thresholds)
-    # At a grid level the choice is the argmin of a fresh measurement on the same tokens.
-    j = SELECT_GRID.index(0.5)
-    assert torch.allclose(again[:, 0], kl[:, j], rtol=1e-4)
-    assert setting_for(cal, "auto", 0.5, model).chosen == SELECT_CANDIDATES[int(kl[:, j].argmin())]
+    # At a grid level: a candidate other than uniform only if no worse in both protocols.
+    j = 4  # SELECT_GRID[4] == 0.5
+    nll = cal.tables["select.nll"][:, :, j]
+    chosen = SELECT_CANDIDATES.index(select_method(cal, float(cal.tables["select.grid"][j])))
+    assert bool((nll[:, chosen] <= nll[:, 0]).all())
 
 
-def test_select_method_interpolates_and_skips_unreachable() -> None:
+def test_select_falls_back_to_uniform_unless_better_in_both_protocols(monkeypatch) -> None:
+    """The failure of issue 5 (greedy better decode-like but worse full at 25 %) as a
+    table: uniform wins there; elsewhere the candidate no worse in both protocols with
+    the least summed loss; interpolation from zero loss at sparsity 0; unreachable
+    (inf) never chosen."""
     from types import SimpleNamespace
 
+    from teal.sparsity import methods
     from teal.sparsity.methods import select_method
 
+    inf = float("inf")
     grid = torch.tensor([0.2, 0.4])
-    # uniform, greedy, greedy-layers: greedy-layers is best at 0.4 but cannot reach 0.2
-    kl = torch.tensor([[0.10, 0.40], [0.05, 0.50], [float("inf"), 0.30]])
-    cal = SimpleNamespace(tables={"select.kl": kl, "select.grid": grid})
-    assert select_method(cal, 0.1) == "greedy"  # half of each first value
-    assert select_method(cal, 0.2) == "greedy"
-    assert select_method(cal, 0.3) == "uniform"  # 0.25 < 0.275; greedy-layers is inf
+    # [protocol (decode-like, full)][candidates: uniform, greedy, greedy-layers][level];
+    # the rule takes any candidates, so three are patched in here.
+    monkeypatch.setattr(methods, "SELECT_CANDIDATES", ("uniform", "greedy", "greedy-layers"))
+    nll = torch.tensor(
+        [
+            [[0.02, 0.20], [0.01, 0.15], [inf, 0.10]],
+            [[0.00, 0.30], [0.03, 0.25], [inf, 0.20]],
+        ]
+    )
+    cal = SimpleNamespace(tables={"select.nll": nll, "select.grid": grid})
+    assert select_method(cal, 0.2) == "uniform"  # greedy: better decode-like, worse full
+    assert select_method(cal, 0.1) == "uniform"  # half of each first value, same ranking
     assert select_method(cal, 0.4) == "greedy-layers"
     assert select_method(cal, 0.9) == "greedy-layers"  # past the grid: the last values
-    tie = SimpleNamespace(tables={"select.kl": torch.ones(3, 2), "select.grid": grid})
+    # Better in both protocols: chosen even though greedy-layers cannot reach the level.
+    both = nll.clone()
+    both[1, 1, 0] = -0.01
+    assert (
+        select_method(SimpleNamespace(tables={"select.nll": both, "select.grid": grid}), 0.2)
+        == "greedy"
+    )
+    tie = SimpleNamespace(tables={"select.nll": torch.ones(2, 3, 2), "select.grid": grid})
     assert select_method(tie, 0.3) == "uniform"
 
 
@@ -215,7 +250,7 @@ def test_add_tables_makes_only_what_is_missing(setup, monkeypatch) -> None:
     model, cal, toks = setup
     copy = Calibration(cal.stats, dict(cal.metadata), dict(cal.tables))
     copy.metadata["tables"] = dict(cal.metadata["tables"])
-    for name in ("select.kl", "select.grid"):
+    for name in ("select.nll", "select.grid"):
         copy.tables.pop(name)
 
     def no_search(*args, **kwargs):
@@ -223,4 +258,4 @@ def test_add_tables_makes_only_what_is_missing(setup, monkeypatch) -> None:
 
     monkeypatch.setattr(allocate, "greedy_tables", no_search)
     add_tables(model, copy, toks[:2000], toks[2000:], kinds=("greedy", "select"), progress=False)
-    assert torch.allclose(copy.tables["select.kl"], cal.tables["select.kl"], rtol=1e-4)
+    assert torch.allclose(copy.tables["select.nll"], cal.tables["select.nll"], atol=1e-5)

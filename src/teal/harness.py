@@ -47,7 +47,7 @@ class TealLM(HFLM):
 
     Model arguments beyond HFLM's: ``calibration`` (file from ``teal calibrate``),
     ``sparsity`` (0 = dense, no calibration needed), ``method`` (default
-    greedy-layers) and ``mode`` (``all`` or ``decode``, default ``all``)."""
+    auto) and ``mode`` (``all`` or ``decode``, default ``all``)."""
 
     def __init__(
         self,

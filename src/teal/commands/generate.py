@@ -38,8 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         default=None,
-        help="sparsity method: uniform, greedy, greedy-layers, weight-informed or cats"
-        " (default: the best measured, greedy-layers)",
+        help="sparsity method: uniform, greedy, greedy-layers, weight-informed, cats or auto"
+        " (default auto: greedy or greedy-layers where held-out text says they are no worse"
+        " than uniform in both protocols, else uniform)",
     )
     p.set_defaults(func=main)
 

@@ -25,10 +25,18 @@ TABLES_VERSION = 1
 KINDS = {
     "greedy": ("greedy.levels", "greedy.error", "greedy.block_sparsity", "greedy.sensitivity"),
     "scores": ("wi.counts", "wi.bin_lo", "cats.counts", "cats.bin_lo"),
-    # auto: held-out KL of each candidate method at a grid of levels (needs greedy).
-    "select": ("select.kl", "select.grid"),
+    # auto: held-out perplexity loss of each candidate method at a grid of levels, in
+    # both evaluation protocols (needs greedy).
+    "select": ("select.nll", "select.grid"),
 }
 SELECT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Held-out tokens for the selection, taken after the greedy search's own (a method is
+# not judged on the tokens it was fitted to).  Differences of a few hundredths of a nat
+# decide the choice at low sparsity; on the default model the loss of one window of
+# HELD_OUT_WINDOW tokens spreads by about 0.02-0.04 nat, so four windows resolve a
+# difference of 0.03 at about two standard errors.  More would cost `teal run` its
+# 10 minutes on a 2-core CPU (the selection is 2 x 9 levels x 1.5 passes).
+SELECT_TOKENS = 1024
 NAMES = KINDS["greedy"] + KINDS["scores"]
 
 
@@ -67,7 +75,8 @@ def add_tables(
 
     ``stats_tokens``: the tokens the histograms were gathered on (the score histograms
     are gathered on the same ones); ``held_out``: a 1-D stream of other calibration
-    tokens for the greedy search (``HELD_OUT_TOKENS`` of them are used)."""
+    tokens: the first ``HELD_OUT_TOKENS`` drive the greedy search, the next
+    ``SELECT_TOKENS`` the method selection (the first ones again if there are fewer)."""
     seq_len = int(cal.metadata.get("seq_len") or 2048)
     bos = cal.metadata.get("bos")
     meta = dict(cal.metadata.get("tables") or {})
@@ -108,45 +117,82 @@ def add_tables(
         start = time.perf_counter()
         cal.metadata["tables"] = meta  # setting_for checks the tables' identity
         window = min(allocate.HELD_OUT_WINDOW, model.config.max_seq_len)
-        ids = allocate.held_out_windows(held_out[: allocate.HELD_OUT_TOKENS], window, bos)
-        cal.tables["select.kl"] = method_kl(model, cal, ids, SELECT_GRID, progress=progress)
+        after = held_out[allocate.HELD_OUT_TOKENS : allocate.HELD_OUT_TOKENS + SELECT_TOKENS]
+        apart = after.numel() >= window - (bos is not None)
+        ids = allocate.held_out_windows(after if apart else held_out[:SELECT_TOKENS], window, bos)
+        cal.tables["select.nll"] = method_nll(model, cal, ids, SELECT_GRID, progress=progress)
         cal.tables["select.grid"] = torch.tensor(SELECT_GRID, dtype=torch.float32)
-        meta["seconds_select"] = round(time.perf_counter() - start, 1)
+        cal.tables.pop("select.kl", None)  # the KL table of files made before
+        meta.update(
+            select_tokens=int(ids.numel()),
+            select_apart_from_greedy=apart,
+            seconds_select=round(time.perf_counter() - start, 1),
+        )
     cal.metadata["tables"] = meta
     return cal
 
 
 @torch.inference_mode()
-def method_kl(model, cal: Calibration, ids: Tensor, grid, *, progress: bool = True) -> Tensor:
-    """``[candidates, levels]``: mean KL(dense || sparse) of the next-token distribution
-    over ``ids`` ``[B, T]`` with every position sparse, for each ``auto`` candidate at
-    each level (inf where a method cannot reach the level).  The model's sparsity
-    setting is cleared afterwards."""
+def method_nll(model, cal: Calibration, ids: Tensor, grid, *, progress: bool = True) -> Tensor:
+    """``[2, candidates, levels]``: mean next-token NLL increase over dense (nats per
+    scored token) on ``ids`` ``[B, T]``, for each ``auto`` candidate at each level, in
+    the two perplexity protocols (``teal.eval.perplexity.PROTOCOLS`` order):
+    decode-like (first half of each row dense, predictions of the second half scored)
+    and full (every position sparse and scored).  inf where a method cannot reach a
+    level.  The model's sparsity setting is cleared afterwards.
+
+    Both protocols, and the loss on the real next tokens rather than the distance from
+    dense: a method that moves the dense distribution less can still lose more
+    perplexity, and the two protocols can rank methods differently (on the default
+    model, sparsifying the first position of a window, which every later position
+    attends to, lowers uniform's full-protocol loss at 20-25 % below greedy's, while
+    greedy is better decode-like).  The decode-like rows reuse one dense prefill of
+    the first halves through the KV cache, so they cost half a pass."""
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     from teal.sparsity.methods import SELECT_CANDIDATES, setting_for
 
     ids = ids.to(model.device)
+    bsz, seqlen = ids.shape
+    half = seqlen // 2
+    targets = ids[:, 1:]
     backend = model.sparse_backend
-    model.clear_sparsity()
-    dense = F.log_softmax(model(ids).float(), dim=-1)
-    out = torch.full((len(SELECT_CANDIDATES), len(grid)), float("inf"))
-    bar = tqdm(total=out.numel(), desc="method selection", disable=not progress, file=sys.stderr)
+    saved_cache = ([blk.attention.kv_cache for blk in model.layers], model.cache_len)
+    rest = torch.arange(half, seqlen, device=ids.device)
+
+    def nll(logits: Tensor, tgt: Tensor) -> Tensor:  # per scored token
+        return F.cross_entropy(logits.float().transpose(1, 2), tgt, reduction="none")
+
+    out = torch.full((2, len(SELECT_CANDIDATES), len(grid)), float("inf"))
+    bar = tqdm(total=out[0].numel(), desc="method selection", disable=not progress, file=sys.stderr)
     try:
         model.set_backend("torch")
+        model.clear_sparsity()
+        dense_full = nll(model(ids)[:, :-1], targets)
+        # Decode-like: predictions made at positions half .. T-2 (the sparse ones).
+        dense_dec = dense_full[:, half:].mean()
+        dense_full = dense_full.mean()
+        model.setup_cache(bsz, seqlen)
+        model(ids[:, :half], torch.arange(half, device=ids.device))  # dense prefill
         for i, name in enumerate(SELECT_CANDIDATES):
             for j, p in enumerate(grid):
                 setting = setting_for(cal, name, p, model)
                 if setting.reachable:
                     setting.apply(model, mode="all")
-                    lp = F.log_softmax(model(ids).float(), dim=-1)
-                    out[i, j] = float((dense.exp() * (dense - lp)).sum(-1).mean())
+                    # Each pass rewrites cache positions half.. only: the prefix stays dense.
+                    dec = nll(model(ids[:, half:], rest)[:, :-1], targets[:, half:])
+                    out[0, i, j] = float(dec.mean() - dense_dec)
+                    out[1, i, j] = float(nll(model(ids)[:, :-1], targets).mean() - dense_full)
+                    model.clear_sparsity()
                 bar.update(1)
     finally:
         bar.close()
         model.clear_sparsity()
         model.set_backend(backend)
+        for blk, cache in zip(model.layers, saved_cache[0], strict=True):
+            blk.attention.kv_cache = cache
+        model.cache_len = saved_cache[1]
     return out
 
 
@@ -163,7 +209,8 @@ def add_tables_from_text(
     first ``cal.tokens`` (those the histograms saw) and the ones after them, held out."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     n = cal.tokens
-    stream = part.tokens(model.tokenizer, n + allocate.HELD_OUT_TOKENS)
+    held_n = allocate.HELD_OUT_TOKENS + (SELECT_TOKENS if "select" in kinds else 0)
+    stream = part.tokens(model.tokenizer, n + held_n)
     held, disjoint = stream[n:], True
     if held.numel() < allocate.HELD_OUT_WINDOW:
         # Too little text to hold any out: search on the statistics' own last tokens.
@@ -171,7 +218,7 @@ def add_tables_from_text(
             f"teal: warning: {part.label} has no tokens beyond the {n} calibrated on;"
             " the greedy search reuses calibration tokens"
         )
-        held, disjoint = stream[-allocate.HELD_OUT_TOKENS :], False
+        held, disjoint = stream[-held_n:], False
     return add_tables(
         model, cal, stream[:n], held, held_out_is_disjoint=disjoint, kinds=kinds, progress=progress
     )
