@@ -456,15 +456,7 @@ def graph_tune(dtype_name, workers, log, n_layers=32, pyt=None, only_final=False
             set_p(p)
             for _ in range(3):
                 g.replay()
-            ts = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                g.replay()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b) * 1e3 / n_layers)
-            res[p] = sorted(ts)[len(ts) // 2]
+            res[p] = _replays(g, n_layers, reps)
         del g
         return res
 
@@ -626,15 +618,7 @@ def _time_graph(run, n_calls, reps=15):
         out = run()
     for _ in range(3):
         g.replay()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / n_calls)
-    return sorted(ts)[len(ts) // 2], g, out
+    return _replays(g, n_calls, reps), g, out
 
 
 def _replays(g, n_calls, reps=15):
