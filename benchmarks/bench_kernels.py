@@ -421,16 +421,7 @@ def graph_tune(dtype_name, workers, log, n_layers=32, pyt=None, only_final=False
     gen = torch.Generator(device="cuda").manual_seed(7)
     sites = {}
     for name in GRAPH_SITES:
-        kernel, k, splits, pair = CASES[name]
-        n = sum(splits)
-        ws = [
-            torch.empty(k, n, device="cuda", dtype=dtype).normal_(0, k**-0.5, generator=gen)
-            for _ in range(n_layers)
-        ]
-        x = torch.randn(1, k, device="cuda", generator=gen, dtype=torch.float32).to(dtype)
-        nt = 2 if pair else len(splits)
-        t = torch.zeros(nt, device="cuda")
-        sites[name] = (kernel, splits, ws, x, t)
+        sites[name] = _chain(name, dtype, n_layers, gen)
 
     def set_p(p):
         for _kernel, _splits, _ws, x, t in sites.values():
