@@ -565,8 +565,6 @@ void block_decode(const BlockPlan& p, const T* h_in, T* h_out, int64_t B, int64_
 
 extern "C" {
 
-int teal_abi_version() { return 3; }
-
 int teal_project(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale,
                  const void* w, int64_t K, int64_t N, int dtype, int P, const int64_t* bounds,
                  const float* thr, void* out, int threads) {
@@ -992,7 +990,7 @@ _PLACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _madvise_huge(addr: int, length: int) -> bool:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         return libc.madvise(addr, length, _MADV_HUGEPAGE) == 0
     except (OSError, AttributeError):
