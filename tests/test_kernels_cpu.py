@@ -447,12 +447,12 @@ def test_model_decode_glue_equals_the_torch_glue(window, monkeypatch):
 
 
 def _fused_and_op_by_op(model, prompt, steps, monkeypatch):
-    """Greedy decode twice on backend "cpu": whole blocks in one native call, then op by op
-    (``DecodeGlue.block`` declining); logits of every step from both."""
+    """Greedy decode twice on backend "cpu": every block in one native call, then op by
+    op (``DecodeGlue.blocks`` declining); logits of every step from both."""
     runs = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(cpu.DecodeGlue, "block", lambda *args: None)
+            monkeypatch.setattr(cpu.DecodeGlue, "blocks", lambda *args: None)
         b, n = prompt.shape
         model.setup_cache(b, n + steps)
         with torch.inference_mode():
@@ -489,9 +489,68 @@ def test_fused_native_block_is_bit_identical_to_op_by_op(dtype, variant, monkeyp
     model.set_backend("cpu")
     rows = 2 if variant == "two rows" else 1
     prompt = torch.randint(0, 211, (rows, 5), generator=_gen(8))
+    assert cpu._PLANS.get(model.layers) is None
     fused, op_by_op = _fused_and_op_by_op(model, prompt, 10, monkeypatch)
     assert torch.equal(fused, op_by_op)
-    assert len(cpu._PLANS) >= 3  # the fused path did run
+    assert cpu._PLANS[model.layers].plans is not None  # the one-call step did run
+
+
+def _decode_logits(model, prompt, steps):
+    n = prompt.shape[1]
+    if model.cache_len != n + steps:  # else reused: a new cache alone would re-make plans
+        model.setup_cache(1, n + steps)
+    with torch.inference_mode():
+        tok = model(prompt, torch.arange(n))[:, -1].argmax(-1)
+        out = []
+        for i in range(steps):
+            out.append(model(tok.view(1, 1), torch.tensor([n + i])))
+            tok = out[-1][:, -1].argmax(-1)
+    return torch.cat(out, dim=1)
+
+
+def test_one_call_step_notices_what_changed_under_its_plans(monkeypatch):
+    """The step's cached plans point into weights, caches and fp32 copies of the
+    thresholds: editing the thresholds in place, swapping a weight's ``.data``, assigning
+    a new weight or quantizing must each be seen (the result then equals a fresh op-by-op
+    run), never served from stale plans."""
+    model = _tiny_model()
+    model.set_sparsity(_calibrated(model, 0.5), mode="decode")
+    model.set_backend("cpu")
+    prompt = torch.randint(0, 211, (1, 5), generator=_gen(9))
+
+    def op_by_op():
+        with monkeypatch.context() as m:
+            m.setattr(cpu.DecodeGlue, "blocks", lambda *args: None)
+            return _decode_logits(model, prompt, 6)
+
+    def check():
+        got = _decode_logits(model, prompt, 6)
+        assert cpu._PLANS[model.layers].plans is not None
+        torch.testing.assert_close(got, op_by_op(), rtol=1e-5, atol=1e-5)
+        return got
+
+    first = check()
+    with torch.no_grad():
+        model.thresholds.mul_(0.5)  # in place: same tensor, new version
+    assert not torch.equal(check(), first)
+    # Scales in float64: the plans point to fp32 copies, which an in-place edit outdates.
+    g = _gen(10)
+    widths = {"attn_in": 96, "attn_out": 96, "mlp_in": 96, "mlp_mid": 160}
+    scales = [{s: torch.rand(k, generator=g, dtype=torch.float64) + 0.5 for s, k in
+               widths.items()} for _ in range(3)]  # fmt: skip
+    model.set_sparsity(model.thresholds.clone(), mode="decode", scales=scales)
+    before = check()
+    scales[1]["mlp_mid"].mul_(4)
+    assert not torch.equal(check(), before)
+    w = model.layers[1].mlp.w_down
+    w.data = w.data * 2  # same Parameter, new storage
+    check()
+    model.layers[2].attention.wo = torch.nn.Parameter(model.layers[2].attention.wo * -1)
+    check()
+    model.quantize("int8")  # the one-call step declines quantized weights
+    got = _decode_logits(model, prompt, 6)
+    assert cpu._PLANS[model.layers].plans is None
+    torch.testing.assert_close(got, op_by_op(), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_block_declines_what_it_does_not_run():

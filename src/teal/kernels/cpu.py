@@ -650,6 +650,20 @@ int teal_block_decode(const BlockPlan* plan, const void* h_in, void* h_out, int6
   }
 }
 
+// Blocks plans[0..n) in order, each on the previous one's output: one call per step
+// instead of one per block (each Python-side call costs tens of microseconds, a tenth
+// of a sparse step of a small model).  block_decode may run in place (it reads each
+// element of its input before it writes the same element of its output).
+int teal_blocks_decode(const BlockPlan* plans, int64_t n, const void* h_in, void* h_out,
+                       int64_t B, int64_t pos, const void* cos, const void* sin, int threads) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int rc = teal_block_decode(plans + i, i == 0 ? h_in : h_out, h_out, B, pos, cos, sin,
+                                     threads);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
 }  // extern "C"
 """
 
@@ -750,6 +764,8 @@ def _native() -> ctypes.CDLL | None:
     lib.teal_decode_attention.restype = cint
     lib.teal_block_decode.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, cint]
     lib.teal_block_decode.restype = cint
+    lib.teal_blocks_decode.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, cint]
+    lib.teal_blocks_decode.restype = cint
     return lib
 
 
@@ -1134,18 +1150,31 @@ class _BlockPlan(ctypes.Structure):
     ]  # fmt: skip
 
 
+def _plan_tensors(block) -> list[Tensor]:  # noqa: ANN001
+    """The tensors of ``block`` a plan points into (weights, norms, the cache)."""
+    attn, mlp = block.attention, block.mlp
+    cache = attn.kv_cache
+    ts = [block.attention_norm.weight, attn.wqkv, attn.wo, block.ffn_norm.weight,
+          mlp.w_gate_up, mlp.w_down]  # fmt: skip
+    if cache is not None:
+        ts += [cache.k, cache.v]
+    if attn.bqkv is not None:
+        ts.append(attn.bqkv)
+    return ts
+
+
 def _plan_inputs(block, thresholds: Tensor, scales) -> list[Tensor] | None:  # noqa: ANN001
     """Every tensor a ``_BlockPlan`` of ``block`` points into (their addresses key the
     cached plan), or None where the fused step does not apply: quantized or
     non-contiguous weights, CATS, no cache, a dtype or activation without a kernel."""
-    attn, mlp = block.attention, block.mlp
-    cache = attn.kv_cache
-    if cache is None or mlp.act not in _ACT_CODE or (scales and "mlp_cats" in scales):
+    act = block.mlp.act
+    if (
+        block.attention.kv_cache is None
+        or act not in _ACT_CODE
+        or (scales and "mlp_cats" in scales)
+    ):
         return None
-    ts = [block.attention_norm.weight, attn.wqkv, attn.wo, block.ffn_norm.weight,
-          mlp.w_gate_up, mlp.w_down, cache.k, cache.v]  # fmt: skip
-    if attn.bqkv is not None:
-        ts.append(attn.bqkv)
+    ts = _plan_tensors(block)
     dtype = ts[0].dtype
     if dtype not in _DTYPE_CODE or not all(
         isinstance(t, Tensor) and t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in ts
@@ -1177,7 +1206,8 @@ def _block_plan(block, thresholds: Tensor, scales) -> tuple[_BlockPlan, list[Ten
     return plan, [thr, bounds, *sc.values()]
 
 
-# Each block's fused-step plan, keyed by the addresses it was made from.
+# The one-call step's plans of each model's blocks (a ``_StepPlans``), keyed by the
+# blocks' container.
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -1197,28 +1227,70 @@ class DecodeGlue:
         return decode_attention(qkv, cos, sin, cache_k, cache_v, self.pos, window, n_heads,
                                 n_kv_heads)  # fmt: skip
 
-    def block(self, block, h: Tensor, cos: Tensor, sin: Tensor, thresholds: Tensor,  # noqa: ANN001
-              scales: dict[str, Tensor] | None) -> Tensor | None:  # fmt: skip
-        """The whole sparse ``block`` (a ``decoder.Block``) in one native call, or None
-        where it does not apply (the caller then runs the block op by op).  The plan is
-        cached on the block until what it points to changes (a new cache, other
-        thresholds or scales)."""
-        inputs = _plan_inputs(block, thresholds, scales)
-        if inputs is None or not h.is_contiguous() or h.dtype != inputs[0].dtype:
+    def blocks(self, blocks, h: Tensor, cos: Tensor, sin: Tensor, thresholds: Tensor,  # noqa: ANN001
+               scales: list[dict[str, Tensor]] | None) -> Tensor | None:  # fmt: skip
+        """Every one of ``blocks`` (sparse, thresholds ``[n, 7]``) in one native call, or
+        None where some block cannot run fused (the caller then goes block by block)."""
+        if not h.is_contiguous():
             return None
-        key = (*(t.data_ptr() for t in inputs), block.attention.kv_cache.k.shape[2])
-        cached = _PLANS.get(block)
-        if cached is None or cached[0] != key:
-            cached = (key, _block_plan(block, thresholds, scales))
-            _PLANS[block] = cached
+        plans = _blocks_plan(blocks, thresholds, scales, h.dtype)
+        if plans is None:
+            return None
         out = torch.empty_like(h)
-        rc = _native().teal_block_decode(
-            ctypes.byref(cached[1][0]), h.data_ptr(), out.data_ptr(), h.shape[0], self.pos,
+        rc = _native().teal_blocks_decode(
+            plans, len(plans), h.data_ptr(), out.data_ptr(), h.shape[0], self.pos,
             cos.data_ptr(), sin.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if rc:
-            raise RuntimeError(f"teal_block_decode failed with code {rc}")
+            raise RuntimeError(f"teal_blocks_decode failed with code {rc}")
         return out
+
+
+@dataclass
+class _StepPlans:
+    """The plans of every block of a model, and what tells whether they still hold."""
+
+    layout: int  # decoder.layout_version() when made
+    tensors: list[Tensor]  # every tensor the plans point into (kept alive here) ...
+    addresses: list[int]  # ... and its address then (``.data`` may be swapped in place)
+    sources: list[Tensor]  # thresholds and scales the fp32 copies were made from ...
+    versions: list[int]  # ... and their version counters then (in-place edits)
+    dtype: torch.dtype
+    plans: ctypes.Array | None  # None: some block cannot run fused
+    keep: list  # the fp32 copies and bounds the plans point to
+
+
+def _blocks_plan(blocks, thresholds: Tensor, scales, dtype: torch.dtype):  # noqa: ANN001, ANN202
+    """The cached ``_BlockPlan`` array of ``blocks`` (None where some block cannot run
+    fused), re-made when anything it points to may have moved.  Checking costs a few
+    tens of microseconds a step; re-reading every block's attributes, ten times that."""
+    from teal.model.decoder import layout_version
+
+    sources = [thresholds, *(t for sc in scales or () for t in sc.values())]
+    c = _PLANS.get(blocks)
+    if (
+        c is not None
+        and c.layout == layout_version()
+        and c.dtype == dtype
+        and len(c.sources) == len(sources)
+        and all(a is b for a, b in zip(c.sources, sources))
+        and [t._version for t in sources] == c.versions
+        and [t.data_ptr() for t in c.tensors] == c.addresses
+    ):
+        return c.plans
+    tensors = [t for b in blocks for t in _plan_tensors(b) if isinstance(t, Tensor)]
+    plans, keep = None, []
+    per = [scales[i] if scales else None for i in range(len(blocks))]
+    inputs = [_plan_inputs(b, thresholds[i], per[i]) for i, b in enumerate(blocks)]
+    if all(x is not None and x[0].dtype == dtype for x in inputs):
+        made = [_block_plan(b, thresholds[i], per[i]) for i, b in enumerate(blocks)]
+        plans = (_BlockPlan * len(made))(*(plan for plan, _ in made))
+        keep = made
+    _PLANS[blocks] = _StepPlans(
+        layout_version(), tensors, [t.data_ptr() for t in tensors], sources,
+        [t._version for t in sources], dtype, plans, keep,
+    )  # fmt: skip
+    return plans
 
 
 register_backend("cpu", sparse_project, sparse_gate_up)

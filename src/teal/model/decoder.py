@@ -35,7 +35,29 @@ SITE_PROJECTIONS = {"attn_in": (0, 1, 2), "attn_out": (3,), "mlp_in": (4, 5), "m
 Observer = Callable[[int, str, Tensor, "Tensor | None"], None]
 
 
-class RMSNorm(nn.Module):
+# Bumped whenever a block's modules get another tensor or submodule (a new cache,
+# quantized weights, ``model.to``): native decode plans that point into those tensors
+# (``teal.kernels.cpu``) check it instead of re-reading every attribute each step.
+_LAYOUT = [0]
+
+
+def layout_version() -> int:
+    return _LAYOUT[0]
+
+
+class _Tracked(nn.Module):
+    """A module whose attribute assignments and conversions bump ``layout_version``."""
+
+    def __setattr__(self, name: str, value) -> None:  # noqa: ANN001
+        super().__setattr__(name, value)
+        _LAYOUT[0] += 1
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        _LAYOUT[0] += 1
+        return super()._apply(fn, recurse)
+
+
+class RMSNorm(_Tracked):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -51,7 +73,7 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class KVCache(nn.Module):
+class KVCache(_Tracked):
     """Preallocated keys and values ``[B, kv_heads, max_len, head_dim]``; writes go
     through ``index_copy_`` so the decode step has no shape that depends on position."""
 
@@ -78,7 +100,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-class Attention(nn.Module):
+class Attention(_Tracked):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -130,7 +152,7 @@ class Attention(nn.Module):
         return project(out, self.wo, None, sparse, slice(3, 4), (self.cfg.dim,), "attn_out")
 
 
-class MLP(nn.Module):
+class MLP(_Tracked):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -149,7 +171,7 @@ class MLP(nn.Module):
         return project(mid, self.w_down, None, sparse, slice(6, 7), (dim,), "mlp_mid")
 
 
-class Block(nn.Module):
+class Block(_Tracked):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -158,12 +180,6 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, layer)
 
     def forward(self, h, rope, mask, input_pos, sparse, observer, glue=None) -> Tensor:
-        if glue is not None and observer is None and sparse is not None and sparse.pos_mask is None:
-            # The CPU backend runs a whole sparse one-token block in one native call,
-            # the same ops as below (None where it cannot: quantized weights, CATS).
-            out = glue.block(self, h, *rope, sparse.thresholds, sparse.scales)
-            if out is not None:
-                return out
         x = self.attention_norm(h, glue)
         h = h + self.attention(x, rope, mask, input_pos, sparse, observer, glue)
         return h + self.mlp(self.ffn_norm(h, glue), sparse, observer)
@@ -335,6 +351,14 @@ class Transformer(nn.Module):
         blocks = self.layers
         if self.decode_blocks is not None and seqlen == 1 and self.observer is None:
             blocks = self.decode_blocks
+        fusable = sparse is not None and sparse.pos_mask is None and self.observer is None
+        if glue is not None and fusable:
+            # The CPU backend runs every block of a sparse one-token step in one native
+            # call, the same ops as Block.forward with the same roundings (None where
+            # some block cannot: quantized weights, CATS).
+            fused = glue.blocks(blocks, h, *rope, self.thresholds, self.sparse_scales)
+            if fused is not None:
+                blocks, h = (), fused
         for i, block in enumerate(blocks):
             call = None
             if sparse is not None:
