@@ -239,13 +239,27 @@ def test_model_decodes_the_same_with_cpu_and_torch_backends(dtype):
         assert toks[:6] == ref_toks[:6]
 
 
-def test_bench_decode_reports_every_row():
+def test_bench_decode_reports_every_row(monkeypatch):
     from teal.bench import bench_decode, format_table
 
     model = _tiny_model()
+    model.set_backend("cpu")
+    # Which thresholds each one-call native step ran with: the dense-matmul row must run
+    # none (the torch path), the kernel row at p = 0 the keep-all ones.
+    seen = []
+    blocks = cpu.DecodeGlue.blocks
+    monkeypatch.setattr(
+        cpu.DecodeGlue, "blocks", lambda self, b, h, c, s, thr, sc: seen.append(thr.clone())
+        or blocks(self, b, h, c, s, thr, sc),
+    )  # fmt: skip
     result = bench_decode(
         model, sparsities=[0, 0.5], new_tokens=6, threads=1, repeats=1, progress=False
     )
+    assert model.sparse_backend == "cpu"  # restored
+    # The kernel rows ran natively (p = 0 with the bench's -1 thresholds, p = 0.5 with
+    # calibrated ones); the dense-matmul row never did (it would pass model.keep_all).
+    assert any(bool((t == -1).all()) for t in seen) and any(bool((t > 0).any()) for t in seen)
+    assert not any(bool(torch.isinf(t).any()) for t in seen)
     json.dumps(result)  # JSON-able
     for key in ("device", "model", "dtype", "quant", "method", "threads", "torch", "date"):
         assert key in result
@@ -584,3 +598,25 @@ def test_place_weights_moves_weights_without_changing_them():
     assert len(storages) == 1
     model.set_backend("torch")
     torch.testing.assert_close(model(ids), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_decode_on_the_cpu_backend_runs_the_native_step(dtype):
+    """With sparsity off, a one-token step on backend "cpu" runs the one-call native step
+    keeping every channel; its logits equal the torch path's (backend "torch") up to the
+    order of the fp32 sums, and greedy tokens agree."""
+    model = _tiny_model(dtype)
+    prompt = torch.randint(0, 211, (1, 5), generator=_gen(11))
+    runs = []
+    for backend in ("cpu", "torch"):
+        model.set_backend(backend)
+        model.setup_cache(1, 5 + 12)  # a new cache for each run
+        runs.append(_decode_logits(model, prompt, 12))
+        plans = cpu._PLANS.get(model.layers)
+        if backend == "cpu":
+            assert plans is not None and plans.plans is not None
+            assert torch.isinf(plans.sources[0]).all()  # the keep-all thresholds
+    native, torch_path = runs
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(native.float(), torch_path.float(), rtol=tol, atol=tol)
+    assert torch.equal(native.argmax(-1), torch_path.argmax(-1))

@@ -288,7 +288,10 @@ def _prompt_ids(model: Transformer, prompt: str | list[int] | None) -> Tensor:
 
 def _set_mode(model: Transformer, row: _Row, backend: str) -> None:
     if row.thresholds is None:
+        # The plain torch path: a dense step on the CPU backend would otherwise run the
+        # native kernel keeping every channel (the "cpu-kernel" row at p = 0).
         model.clear_sparsity()
+        model.set_backend("torch")
     else:
         model.set_sparsity(row.thresholds, mode="decode")
         model.set_backend(backend)
@@ -328,6 +331,7 @@ def bench_decode(
     if threads < 1:
         raise TealError(f"threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
+    old_backend = model.sparse_backend
     try:
         prompt_ids = _prompt_ids(model, prompt)
         engine = factory(model, prompt_ids.shape[1] + new_tokens)
@@ -342,6 +346,7 @@ def bench_decode(
     finally:
         model.clear_sparsity()
         model.clear_cache()
+        model.set_backend(old_backend)
         torch.set_num_threads(old_threads)
     kernel = "triton"
     if device == "cpu":

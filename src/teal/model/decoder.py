@@ -245,6 +245,13 @@ class Transformer(nn.Module):
             torch.zeros(cfg.n_layers, len(PROJECTIONS), device=device),
             persistent=False,
         )
+        # Thresholds that keep every channel: a dense one-token step on the CPU backend
+        # runs the native step with these (one buffer, so its cached plans stay valid).
+        self.register_buffer(
+            "keep_all",
+            torch.full((cfg.n_layers, len(PROJECTIONS)), -torch.inf, device=device),
+            persistent=False,
+        )
 
     # ----- sparsity -------------------------------------------------------------
     def set_sparsity(
@@ -351,12 +358,17 @@ class Transformer(nn.Module):
         blocks = self.layers
         if self.decode_blocks is not None and seqlen == 1 and self.observer is None:
             blocks = self.decode_blocks
-        fusable = sparse is not None and sparse.pos_mask is None and self.observer is None
-        if glue is not None and fusable:
-            # The CPU backend runs every block of a sparse one-token step in one native
-            # call, the same ops as Block.forward with the same roundings (None where
-            # some block cannot: quantized weights, CATS).
-            fused = glue.blocks(blocks, h, *rope, self.thresholds, self.sparse_scales)
+        if glue is not None and sparse_mask is None and self.observer is None:
+            # The CPU backend runs every block of a one-token step in one native call,
+            # the same ops as Block.forward with the same roundings (None where some
+            # block cannot: quantized weights, CATS).  A dense step keeps every channel:
+            # the native walk over all rows streams at twice the speed of torch's
+            # one-row matmul here.
+            if sparse is not None:
+                thr, scales = self.thresholds, self.sparse_scales
+            else:
+                thr, scales = self.keep_all, None
+            fused = glue.blocks(blocks, h, *rope, thr, scales)
             if fused is not None:
                 blocks, h = (), fused
         for i, block in enumerate(blocks):
