@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import teal
-from teal.bench import PROMPT, bench_decode, format_table
+from teal.bench import PROMPT, bench_decode, calibration_thresholds, format_table
 from teal.data.packages import cache_dir
 
 
@@ -57,9 +57,14 @@ def other_cpu_use(record: dict, key: str):
     record[key] = round(max(0.0, (b1 - b0 - ours) / max(1, t1 - t0)), 3)
 
 
+# llama_ftype of each file we write: MOSTLY_F16, ALL_F32, MOSTLY_Q8_0.
+FILE_TYPES = {"F16": 1, "F32": 0, "Q8_0": 7}
+
+
 def write_dequantized_gguf(src: Path, dst: Path, ftype: str) -> Path:
     """A copy of ``src`` with every tensor dequantized: 2-D weights stored as ``ftype``
-    (F16 or F32), norms as F32; all metadata (tokenizer included) copied."""
+    (F16, F32, or Q8_0 re-quantized by the ``gguf`` package from the dequantized
+    values), norms as F32; all metadata (tokenizer included) copied."""
     import gguf
     import numpy as np
 
@@ -71,7 +76,7 @@ def write_dequantized_gguf(src: Path, dst: Path, ftype: str) -> Path:
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
         if name == "general.file_type":
-            writer.add_file_type(1 if ftype == "F16" else 0)  # llama_ftype MOSTLY_F16 / ALL_F32
+            writer.add_file_type(FILE_TYPES[ftype])
             continue
         vtype = gguf.GGUFValueType(field.types[0])
         sub = gguf.GGUFValueType(field.types[1]) if vtype == gguf.GGUFValueType.ARRAY else None
@@ -80,6 +85,10 @@ def write_dequantized_gguf(src: Path, dst: Path, ftype: str) -> Path:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         if data.ndim > 1 and ftype == "F16":
             data = data.astype(np.float16)
+        if data.ndim > 1 and ftype == "Q8_0":
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(t.name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+            continue
         writer.add_tensor(t.name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -134,21 +143,37 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument(
+        "--quant",
+        choices=("int8",),
+        default=None,
+        help="our rows on int8 weights (projections and lm_head; thresholds from the"
+        " unquantized model), llama.cpp adds a Q8_0 file",
+    )
     ap.add_argument("--llama-build-seconds", type=float, default=None, help="recorded as given")
     ap.add_argument("--llama-build", default=None, help="how llama-cpp-python was built (recorded)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     date = datetime.date.today().isoformat()
-    out = Path(args.out or f"benchmarks/results/cpu-{args.dtype}-{date}.json")
+    tag = args.dtype + (f"-{args.quant}" if args.quant else "")
+    out = Path(args.out or f"benchmarks/results/cpu-{tag}-{date}.json")
     busy: dict[str, float] = {}
 
     model = teal.load(None, dtype=args.dtype)
     prompt = model.tokenizer(PROMPT, add_special_tokens=True)["input_ids"]
+    levels = [float(p) for p in args.sparsity.split(",")]
+    thresholds = None
+    if args.quant:
+        # As for evaluation: thresholds from the unquantized model, then quantize.
+        thresholds = calibration_thresholds(model, levels)
+        model.quantize(args.quant)
+        model.set_backend("cpu")
     with other_cpu_use(busy, "ours"):
         ours = bench_decode(
             model,
-            sparsities=[float(p) for p in args.sparsity.split(",")],
+            sparsities=levels,
+            thresholds=thresholds,
             new_tokens=args.new_tokens,
             threads=args.threads,
             repeats=args.repeats,
@@ -163,6 +188,7 @@ def main() -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "dtype": args.dtype,
+        "quant": args.quant,
         "new_tokens": args.new_tokens,
         "prompt_tokens": len(prompt),
         "ours": ours,
@@ -175,7 +201,7 @@ def main() -> None:
 
         q4 = default_model_path()
         files = {"Q4_1": q4}
-        for ftype in ("F16", "F32"):
+        for ftype in ("F16", "F32", *(("Q8_0",) if args.quant == "int8" else ())):
             dst = cache_dir() / "bench" / f"{q4.stem.rsplit('.', 1)[0]}.{ftype}.gguf"
             if not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)

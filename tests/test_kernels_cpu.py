@@ -561,7 +561,7 @@ def test_one_call_step_notices_what_changed_under_its_plans(monkeypatch):
     check()
     model.layers[2].attention.wo = torch.nn.Parameter(model.layers[2].attention.wo * -1)
     check()
-    model.quantize("int8")  # the one-call step declines quantized weights
+    model.quantize("int4", group_size=32, lm_head=False)  # the one-call step declines int4
     got = _decode_logits(model, prompt, 6)
     assert cpu._PLANS[model.layers].plans is None
     torch.testing.assert_close(got, op_by_op(), rtol=1e-5, atol=1e-5)
@@ -575,8 +575,8 @@ def test_fused_block_declines_what_it_does_not_run():
     model.setup_cache(1, 8)
     assert cpu._plan_inputs(block, thr, None) is not None
     assert cpu._plan_inputs(block, thr, {"mlp_cats": torch.ones(1)}) is None  # CATS
-    model.quantize("int8")
-    assert cpu._plan_inputs(model.layers[0], thr, None) is None  # quantized weights
+    model.quantize("int4", group_size=32, lm_head=False)
+    assert cpu._plan_inputs(model.layers[0], thr, None) is None  # int4 weights
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are a Linux feature")
@@ -620,3 +620,84 @@ def test_dense_decode_on_the_cpu_backend_runs_the_native_step(dtype):
     tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(native.float(), torch_path.float(), rtol=tol, atol=tol)
     assert torch.equal(native.argmax(-1), torch_path.argmax(-1))
+
+
+# ----- int8 weights on the CPU ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,splits", [(67, (45,)), (130, (32, 16, 17))])
+@pytest.mark.parametrize("p", [None, 0.0, 0.5, 1.0])
+@pytest.mark.parametrize("b,dtype", [(1, torch.bfloat16), (1, torch.float32), (3, torch.float16)])
+def test_native_int8_project_matches_dequantize_then_matmul(k, splits, p, b, dtype):
+    """int8 codes walked as rows, per-column scales on the sums: the reference
+    (dequantize, then the sparse reference) up to fp32 order and one rounding; odd
+    widths, fused segments, a non-contiguous batch, every channel dropped."""
+    from helpers_kernels import check_close
+    from teal.model.quant import quantize_int8
+
+    w = torch.randn(k, sum(splits), generator=_gen(k)) / k**0.5
+    qw = quantize_int8(w, splits)
+    x = torch.randn(b, 2 * k, generator=_gen(b)).to(dtype)[:, ::2]  # strided rows
+    if p is None:
+        t = None
+    elif p >= 1.0:
+        t = torch.full((len(splits),), 1e4)
+    else:
+        t = torch.full((len(splits),), float(x.float().abs().flatten().quantile(p)))
+    y = cpu.quant_project(x, qw, t, splits)
+    wf = qw.dequantize(torch.float32)
+    r = (x.float() @ wf).to(dtype) if t is None else ref.sparse_linear_fused(x, wf, t, splits)
+    check_close(y, r, dtype)
+    if p == 1.0:
+        assert (y == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_int8_gate_up_matches_reference(dtype):
+    from helpers_kernels import check_close
+    from teal.model.quant import quantize_int8
+
+    f, k = 24, 70
+    qw = quantize_int8(torch.randn(k, 2 * f, generator=_gen(5)) / k**0.5, (f, f))
+    x = torch.randn(1, k, generator=_gen(6)).to(dtype)
+    score = torch.rand(k, generator=_gen(7)) + 0.5
+    t = torch.tensor([0.4, 0.9])
+    y = cpu.quant_project(x, qw, t, (f, f), score, "silu")
+    r = ref.sparse_gate_up_act(x, qw.dequantize(torch.float32), t, "silu", score)
+    check_close(y, r, dtype)
+
+
+def test_int8_model_decodes_natively_on_the_cpu(monkeypatch):
+    """An int8 model on backend "cpu": the one-call step runs (int8 codes in the plans)
+    and equals the op-by-op path (the same kernels through the dispatcher) bit for bit;
+    both agree with the torch backend (dequantize, then matmul) within rounding, and a
+    dense step and the int8 lm_head run natively too."""
+    from teal.kernels import dispatch
+
+    model = _tiny_model()
+    model.set_sparsity(_calibrated(model, 0.5), mode="decode")
+    model.quantize("int8")
+    model.set_backend("cpu")
+    prompt = torch.randint(0, 211, (1, 5), generator=_gen(12))
+    fused, op_by_op = _fused_and_op_by_op(model, prompt, 8, monkeypatch)
+    assert torch.equal(fused, op_by_op)
+    monkeypatch.undo()
+    got = _decode_logits(model, prompt, 8)
+    assert cpu._PLANS[model.layers].plans is not None
+    assert cpu._PLANS[model.layers].plans[0].int8 == 1
+    model.set_backend("torch")
+    want = _decode_logits(model, prompt, 8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Dense: the keep-all step and the native int8 head (never a dequantized matrix).
+    model.clear_sparsity()
+    model.set_backend("cpu")
+    calls = []
+    dequantize = model.lm_head.dequantize
+    monkeypatch.setattr(model.lm_head, "dequantize", lambda *a: calls.append(a) or dequantize(*a))
+    dense = _decode_logits(model, prompt, 4)
+    assert len(calls) == 1  # the prefill's rows only, not the four one-token steps
+    assert torch.isinf(cpu._PLANS[model.layers].sources[0]).all()
+    model.set_backend("torch")
+    monkeypatch.undo()
+    torch.testing.assert_close(dense, _decode_logits(model, prompt, 4), rtol=1e-4, atol=1e-4)
+    assert dispatch._quant_kernel(torch.zeros(1, 96), model.layers[0].mlp.w_down, None) is None

@@ -375,9 +375,13 @@ def _plan_rows(
     model: Transformer, levels: list[float], table: dict[float, Tensor], backend: str
 ) -> list[_Row]:
     rows = []
+    # A quantized model's torch path on the CPU dequantizes every weight at every step:
+    # a reference, not a way to decode, so it gets no row there.
+    matmul = not (backend == "cpu" and getattr(model, "quant", None) is not None)
     for p in levels:
         if p == 0:
-            rows.append(_Row(0.0, "dense-matmul", None, [], []))
+            if matmul:
+                rows.append(_Row(0.0, "dense-matmul", None, [], []))
             # The kernel keeping every channel: a threshold below any |x|.
             keep_all = torch.full((model.config.n_layers, len(PROJECTIONS)), -1.0)
             rows.append(_Row(0.0, f"{backend}-kernel", keep_all, [], []))

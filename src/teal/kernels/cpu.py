@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from teal.kernels import reference
-from teal.kernels.dispatch import register_backend
+from teal.kernels.dispatch import register_backend, register_quant_backend
+from teal.model.quant import QuantWeight
 
 IMPLEMENTATIONS = ("native", "embedding_bag")
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -90,6 +91,8 @@ inline float load(const f16* p) {
   }
   float f; std::memcpy(&f, &u, 4); return f;
 }
+
+inline float load(const int8_t* p) { return float(*p); }  // int8 weight codes
 
 inline void store(float v, float* o) { *o = v; }
 inline void store(float v, b16* o) {  // round to nearest even, as torch does
@@ -243,6 +246,34 @@ inline void axpy4(float* acc, int64_t width, const float* v, const b16* r0, cons
               v[3] * load(r3 + j);
 }
 
+#ifdef __AVX2__
+inline __m256 load8(const int8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+#endif
+
+// int8 codes: the per-column scale is applied once to the finished sums.
+inline void axpy4(float* acc, int64_t width, const float* v, const int8_t* r0, const int8_t* r1,
+                  const int8_t* r2, const int8_t* r3) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 a0 = _mm256_set1_ps(v[0]), a1 = _mm256_set1_ps(v[1]);
+  const __m256 a2 = _mm256_set1_ps(v[2]), a3 = _mm256_set1_ps(v[3]);
+  for (; j + 8 <= width; j += 8) {
+    __m256 s = _mm256_loadu_ps(acc + j);
+    s = _mm256_fmadd_ps(a0, load8(r0 + j), s);
+    s = _mm256_fmadd_ps(a1, load8(r1 + j), s);
+    s = _mm256_fmadd_ps(a2, load8(r2 + j), s);
+    s = _mm256_fmadd_ps(a3, load8(r3 + j), s);
+    _mm256_storeu_ps(acc + j, s);
+  }
+#endif
+  for (; j < width; ++j)
+    acc[j] += v[0] * load(r0 + j) + v[1] * load(r1 + j) + v[2] * load(r2 + j) +
+              v[3] * load(r3 + j);
+}
+
 inline void axpy4(float* acc, int64_t width, const float* v, const f16* r0, const f16* r1,
                   const f16* r2, const f16* r3) {
   for (int64_t j = 0; j < width; ++j)
@@ -352,15 +383,17 @@ void run_lists(const T* w, int64_t N, int P, const int64_t* bounds, int64_t B, i
   }
 }
 
+// col_scale (nullable, [N]): int8 weights' per-output scale, applied to each sum.
 template <typename T>
 struct SumOut {
   int64_t cols, N, B;
   T* out;
+  const float* col_scale;
   void operator()(const float* part, int nt, int64_t b, int64_t c0, int64_t c1) const {
     for (int64_t j = c0; j < c1; ++j) {
       float s = 0.0f;
       for (int q = 0; q < nt; ++q) s += part[(int64_t(q) * B + b) * N + j];
-      store(s, out + b * N + j);
+      store(col_scale ? s * col_scale[j] : s, out + b * N + j);
     }
   }
 };
@@ -370,6 +403,7 @@ struct ActOut {
   int64_t cols, N, B;
   int kind;
   T* out;
+  const float* col_scale;  // nullable, [2F]: gate's then up's
   void operator()(const float* part, int nt, int64_t b, int64_t c0, int64_t c1) const {
     // In chunks, each step its own loop with the activation chosen outside it, so the
     // compiler vectorises the exponentials (one call of act() per column, with its
@@ -384,16 +418,22 @@ struct ActOut {
         const float* pg = part + (int64_t(q) * B + b) * N + j0;
         for (int64_t j = 0; j < len; ++j) { g[j] += pg[j]; u[j] += pg[F + j]; }
       }
+      if (col_scale) {
+        for (int64_t j = 0; j < len; ++j) {
+          g[j] *= col_scale[j0 + j];
+          u[j] *= col_scale[F + j0 + j];
+        }
+      }
       act_chunk(g, len, kind);
       for (int64_t j = 0; j < len; ++j) store(g[j] * u[j], out + b * F + j0 + j);
     }
   }
 };
 
-template <typename T>
-void project(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale, const T* w,
-             int64_t K, int64_t N, int P, const int64_t* bounds, const float* thr, T* out,
-             int threads) {
+template <typename T, typename W>
+void project(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale, const W* w,
+             const float* col_scale, int64_t K, int64_t N, int P, const int64_t* bounds,
+             const float* thr, T* out, int threads) {
   Scratch& s = scratch();
   s.fit(B * P, K);
   for (int64_t b = 0; b < B; ++b)
@@ -403,12 +443,13 @@ void project(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* sca
                          s.val.data() + l * K);
     }
   run_lists(w, N, P, bounds, B, K, s.idx.data(), s.val.data(), s.cnt.data(), threads,
-            SumOut<T>{N, N, B, out});
+            SumOut<T>{N, N, B, out, col_scale});
 }
 
-template <typename T>
-void gate_up(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale, const T* w,
-             int64_t K, int64_t F, const float* thr, int kind, T* out, int threads) {
+template <typename T, typename W>
+void gate_up(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale, const W* w,
+             const float* col_scale, int64_t K, int64_t F, const float* thr, int kind, T* out,
+             int threads) {
   Scratch& s = scratch();
   s.fit(B * 2, K);
   for (int64_t b = 0; b < B; ++b)
@@ -419,7 +460,7 @@ void gate_up(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* sca
     }
   const int64_t bounds[3] = {0, F, 2 * F};
   run_lists(w, 2 * F, 2, bounds, B, K, s.idx.data(), s.val.data(), s.cnt.data(), threads,
-            ActOut<T>{F, 2 * F, B, kind, out});
+            ActOut<T>{F, 2 * F, B, kind, out, col_scale});
 }
 
 // y[b, v] = sum_k w[v, k] x[b, k] for a row-major w [V, K] (torch.nn.functional.linear's
@@ -564,10 +605,12 @@ void decode_attention(const T* qkv, int64_t B, int64_t qkv_stride, const T* cos,
 // ~10 Python calls per layer (15 us each) are gone.  Field order matches _BlockPlan.
 struct BlockPlan {
   int64_t dtype, dim, heads, kv_heads, head_dim, ffn, cache_len, window, act;
+  int64_t int8;  // 1: the four projection weights are int8 codes with column scales
   const void *attn_norm, *wqkv, *bqkv, *wo, *ffn_norm, *w_gate_up, *w_down;
   void *k_cache, *v_cache;
   const float *thr;  // [7]: q, k, v, o, gate, up, down
   const float *s_attn_in, *s_attn_out, *s_mlp_in, *s_mlp_mid;  // nullable
+  const float *c_qkv, *c_o, *c_gate_up, *c_down;  // int8 column scales, else null
   const int64_t* qkv_bounds;  // [4]
   float eps, attn_scale;
 };
@@ -577,7 +620,7 @@ struct BlockBuffers {
   std::vector<T> x, qkv, attn, o, mid;
 };
 
-template <typename T>
+template <typename T, typename W>
 void block_decode(const BlockPlan& p, const T* h_in, T* h_out, int64_t B, int64_t pos,
                   const T* cos, const T* sin, int threads) {
   static thread_local BlockBuffers<T> buf;
@@ -587,7 +630,7 @@ void block_decode(const BlockPlan& p, const T* h_in, T* h_out, int64_t B, int64_
   buf.o.resize(size_t(B * D)); buf.mid.resize(size_t(B * F));
   const int64_t one[2] = {0, D};
   rms_norm(h_in, B, D, (const T*)p.attn_norm, p.eps, buf.x.data());
-  project(buf.x.data(), B, D, int64_t(1), p.s_attn_in, (const T*)p.wqkv, D, NQKV, 3,
+  project(buf.x.data(), B, D, int64_t(1), p.s_attn_in, (const W*)p.wqkv, p.c_qkv, D, NQKV, 3,
           p.qkv_bounds, p.thr, buf.qkv.data(), threads);
   if (p.bqkv) {
     const T* bias = (const T*)p.bqkv;
@@ -600,14 +643,14 @@ void block_decode(const BlockPlan& p, const T* h_in, T* h_out, int64_t B, int64_
   decode_attention(buf.qkv.data(), B, NQKV, cos, sin, (T*)p.k_cache, (T*)p.v_cache,
                    p.cache_len, pos, p.window, int(p.heads), int(p.kv_heads), int(p.head_dim),
                    p.attn_scale, buf.attn.data(), threads);
-  project(buf.attn.data(), B, HD, int64_t(1), p.s_attn_out, (const T*)p.wo, HD, D, 1, one,
-          p.thr + 3, buf.o.data(), threads);
+  project(buf.attn.data(), B, HD, int64_t(1), p.s_attn_out, (const W*)p.wo, p.c_o, HD, D, 1,
+          one, p.thr + 3, buf.o.data(), threads);
   for (int64_t i = 0; i < B * D; ++i) store(load(h_in + i) + load(buf.o.data() + i), h_out + i);
   rms_norm(h_out, B, D, (const T*)p.ffn_norm, p.eps, buf.x.data());
-  gate_up(buf.x.data(), B, D, int64_t(1), p.s_mlp_in, (const T*)p.w_gate_up, D, F, p.thr + 4,
-          int(p.act), buf.mid.data(), threads);
-  project(buf.mid.data(), B, F, int64_t(1), p.s_mlp_mid, (const T*)p.w_down, F, D, 1, one,
-          p.thr + 6, buf.o.data(), threads);
+  gate_up(buf.x.data(), B, D, int64_t(1), p.s_mlp_in, (const W*)p.w_gate_up, p.c_gate_up, D, F,
+          p.thr + 4, int(p.act), buf.mid.data(), threads);
+  project(buf.mid.data(), B, F, int64_t(1), p.s_mlp_mid, (const W*)p.w_down, p.c_down, F, D, 1,
+          one, p.thr + 6, buf.o.data(), threads);
   for (int64_t i = 0; i < B * D; ++i) store(load(h_out + i) + load(buf.o.data() + i), h_out + i);
 }
 
@@ -615,29 +658,45 @@ void block_decode(const BlockPlan& p, const T* h_in, T* h_out, int64_t B, int64_
 
 extern "C" {
 
+// wfmt: 0 weights in the activations' dtype, 1 int8 codes with column scales col_scale.
 int teal_project(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale,
-                 const void* w, int64_t K, int64_t N, int dtype, int P, const int64_t* bounds,
-                 const float* thr, void* out, int threads) {
-  switch (dtype) {
-    case 0: project((const float*)x, B, xs_b, xs_k, scale, (const float*)w, K, N, P, bounds,
-                    thr, (float*)out, threads); return 0;
-    case 1: project((const b16*)x, B, xs_b, xs_k, scale, (const b16*)w, K, N, P, bounds, thr,
+                 const void* w, int wfmt, const float* col_scale, int64_t K, int64_t N,
+                 int dtype, int P, const int64_t* bounds, const float* thr, void* out,
+                 int threads) {
+  const int8_t* q = (const int8_t*)w;
+  switch (dtype * 2 + (wfmt == 1)) {
+    case 0: project((const float*)x, B, xs_b, xs_k, scale, (const float*)w, nullptr, K, N, P,
+                    bounds, thr, (float*)out, threads); return 0;
+    case 1: project((const float*)x, B, xs_b, xs_k, scale, q, col_scale, K, N, P, bounds, thr,
+                    (float*)out, threads); return 0;
+    case 2: project((const b16*)x, B, xs_b, xs_k, scale, (const b16*)w, nullptr, K, N, P,
+                    bounds, thr, (b16*)out, threads); return 0;
+    case 3: project((const b16*)x, B, xs_b, xs_k, scale, q, col_scale, K, N, P, bounds, thr,
                     (b16*)out, threads); return 0;
-    case 2: project((const f16*)x, B, xs_b, xs_k, scale, (const f16*)w, K, N, P, bounds, thr,
+    case 4: project((const f16*)x, B, xs_b, xs_k, scale, (const f16*)w, nullptr, K, N, P,
+                    bounds, thr, (f16*)out, threads); return 0;
+    case 5: project((const f16*)x, B, xs_b, xs_k, scale, q, col_scale, K, N, P, bounds, thr,
                     (f16*)out, threads); return 0;
     default: return 1;
   }
 }
 
 int teal_gate_up(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale,
-                 const void* w, int64_t K, int64_t F, int dtype, const float* thr, int kind,
-                 void* out, int threads) {
-  switch (dtype) {
-    case 0: gate_up((const float*)x, B, xs_b, xs_k, scale, (const float*)w, K, F, thr, kind,
+                 const void* w, int wfmt, const float* col_scale, int64_t K, int64_t F,
+                 int dtype, const float* thr, int kind, void* out, int threads) {
+  const int8_t* q = (const int8_t*)w;
+  switch (dtype * 2 + (wfmt == 1)) {
+    case 0: gate_up((const float*)x, B, xs_b, xs_k, scale, (const float*)w, nullptr, K, F, thr,
+                    kind, (float*)out, threads); return 0;
+    case 1: gate_up((const float*)x, B, xs_b, xs_k, scale, q, col_scale, K, F, thr, kind,
                     (float*)out, threads); return 0;
-    case 1: gate_up((const b16*)x, B, xs_b, xs_k, scale, (const b16*)w, K, F, thr, kind,
+    case 2: gate_up((const b16*)x, B, xs_b, xs_k, scale, (const b16*)w, nullptr, K, F, thr, kind,
                     (b16*)out, threads); return 0;
-    case 2: gate_up((const f16*)x, B, xs_b, xs_k, scale, (const f16*)w, K, F, thr, kind,
+    case 3: gate_up((const b16*)x, B, xs_b, xs_k, scale, q, col_scale, K, F, thr, kind,
+                    (b16*)out, threads); return 0;
+    case 4: gate_up((const f16*)x, B, xs_b, xs_k, scale, (const f16*)w, nullptr, K, F, thr, kind,
+                    (f16*)out, threads); return 0;
+    case 5: gate_up((const f16*)x, B, xs_b, xs_k, scale, q, col_scale, K, F, thr, kind,
                     (f16*)out, threads); return 0;
     default: return 1;
   }
@@ -689,13 +748,18 @@ int teal_decode_attention(const void* qkv, int64_t B, int64_t qkv_stride, const 
 int teal_block_decode(const BlockPlan* plan, const void* h_in, void* h_out, int64_t B,
                       int64_t pos, const void* cos, const void* sin, int threads) {
   if (pos < 0 || pos >= plan->cache_len) return 2;
-  switch (plan->dtype) {
-    case 0: block_decode(*plan, (const float*)h_in, (float*)h_out, B, pos, (const float*)cos,
-                         (const float*)sin, threads); return 0;
-    case 1: block_decode(*plan, (const b16*)h_in, (b16*)h_out, B, pos, (const b16*)cos,
-                         (const b16*)sin, threads); return 0;
-    case 2: block_decode(*plan, (const f16*)h_in, (f16*)h_out, B, pos, (const f16*)cos,
-                         (const f16*)sin, threads); return 0;
+  switch (plan->dtype * 2 + (plan->int8 == 1)) {
+#define TEAL_BLOCK(T, W)                                                                  \
+  block_decode<T, W>(*plan, (const T*)h_in, (T*)h_out, B, pos, (const T*)cos, (const T*)sin, \
+                     threads);                                                            \
+  return 0
+    case 0: TEAL_BLOCK(float, float);
+    case 1: TEAL_BLOCK(float, int8_t);
+    case 2: TEAL_BLOCK(b16, b16);
+    case 3: TEAL_BLOCK(b16, int8_t);
+    case 4: TEAL_BLOCK(f16, f16);
+    case 5: TEAL_BLOCK(f16, int8_t);
+#undef TEAL_BLOCK
     default: return 1;
   }
 }
@@ -798,11 +862,11 @@ def _native() -> ctypes.CDLL | None:
         )
         return None
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.teal_project.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, cint, cint, ptr, ptr,
-                                 ptr, cint]  # fmt: skip
+    lib.teal_project.argtypes = [ptr, i64, i64, i64, ptr, ptr, cint, ptr, i64, i64, cint, cint,
+                                 ptr, ptr, ptr, cint]  # fmt: skip
     lib.teal_project.restype = cint
-    lib.teal_gate_up.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, cint, ptr, cint, ptr,
-                                 cint]  # fmt: skip
+    lib.teal_gate_up.argtypes = [ptr, i64, i64, i64, ptr, ptr, cint, ptr, i64, i64, cint, ptr,
+                                 cint, ptr, cint]  # fmt: skip
     lib.teal_gate_up.restype = cint
     lib.teal_linear_rows.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, cint, ptr, cint]
     lib.teal_linear_rows.restype = cint
@@ -880,9 +944,9 @@ def _native_project(
     sc = _f32(scale)
     rc = lib.teal_project(
         rows.data_ptr(), rows.shape[0], rows.stride(0), rows.stride(1),
-        sc.data_ptr() if sc is not None else None, wt.data_ptr(), K, N, _DTYPE_CODE[wt.dtype],
-        len(splits), _bounds(splits).data_ptr(), thr.data_ptr(), out.data_ptr(),
-        torch.get_num_threads(),
+        sc.data_ptr() if sc is not None else None, wt.data_ptr(), 0, None, K, N,
+        _DTYPE_CODE[wt.dtype], len(splits), _bounds(splits).data_ptr(), thr.data_ptr(),
+        out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"teal_project failed with code {rc}")
@@ -899,12 +963,53 @@ def _native_gate_up(
     sc = _f32(scale)
     rc = lib.teal_gate_up(
         rows.data_ptr(), rows.shape[0], rows.stride(0), rows.stride(1),
-        sc.data_ptr() if sc is not None else None, wt.data_ptr(), K, N2 // 2,
+        sc.data_ptr() if sc is not None else None, wt.data_ptr(), 0, None, K, N2 // 2,
         _DTYPE_CODE[wt.dtype], thr.data_ptr(), _ACT_CODE[act], out.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"teal_gate_up failed with code {rc}")
+    return out
+
+
+def quant_project(
+    x: Tensor,
+    qw: QuantWeight,
+    thresholds: Tensor | None,
+    splits: tuple[int, ...],
+    scale: Tensor | None = None,
+    act: str | None = None,
+) -> Tensor:
+    """The dispatcher's quantized-kernel call on the CPU, int8 weights only: ``x @ W``
+    with each segment's input sparsified by its threshold (None: keep every channel),
+    or with ``act``, ``act(gate) * up`` of a ``[gate | up]`` weight.  Codes are read as
+    rows like float weights and the per-column scales applied to the finished sums."""
+    lib = _native()
+    if lib is None or qw.fmt != "int8":
+        raise ValueError("the native CPU kernel takes int8 weights only (and needs a compiler)")
+    if not (x.is_cpu and qw.qweight.is_cpu and qw.qweight.is_contiguous()):
+        raise ValueError("the cpu quantized kernel needs CPU tensors and contiguous codes")
+    K, N = qw.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"input has {x.shape[-1]} channels but the weights have {K}")
+    rows = x.reshape(-1, K)
+    dtype = _DTYPE_CODE[x.dtype]
+    lists = 2 if act is not None else len(splits)
+    thr = _f32(thresholds) if thresholds is not None else torch.full((lists,), -torch.inf)
+    sc, cs = _f32(scale), _f32(qw.scales)
+    sc_ptr = sc.data_ptr() if sc is not None else None
+    args = (rows.data_ptr(), rows.shape[0], rows.stride(0), rows.stride(1), sc_ptr,
+            qw.qweight.data_ptr(), 1, cs.data_ptr(), K)  # fmt: skip
+    if act is not None:
+        out = torch.empty((*x.shape[:-1], N // 2), dtype=x.dtype)
+        rc = lib.teal_gate_up(*args, N // 2, dtype, thr.data_ptr(), _ACT_CODE[act],
+                              out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    else:
+        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
+        rc = lib.teal_project(*args, N, dtype, len(splits), _bounds(splits).data_ptr(),
+                              thr.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    if rc:
+        raise RuntimeError(f"the native int8 kernel failed with code {rc}")
     return out
 
 
@@ -1190,33 +1295,40 @@ class _BlockPlan(ctypes.Structure):
     _fields_ = [
         *((name, ctypes.c_int64) for name in (
             "dtype", "dim", "heads", "kv_heads", "head_dim", "ffn", "cache_len", "window",
-            "act")),
+            "act", "int8")),
         *((name, ctypes.c_void_p) for name in (
             "attn_norm", "wqkv", "bqkv", "wo", "ffn_norm", "w_gate_up", "w_down", "k_cache",
-            "v_cache", "thr", "s_attn_in", "s_attn_out", "s_mlp_in", "s_mlp_mid",
-            "qkv_bounds")),
+            "v_cache", "thr", "s_attn_in", "s_attn_out", "s_mlp_in", "s_mlp_mid", "c_qkv",
+            "c_o", "c_gate_up", "c_down", "qkv_bounds")),
         ("eps", ctypes.c_float),
         ("attn_scale", ctypes.c_float),
     ]  # fmt: skip
 
 
-def _plan_tensors(block) -> list[Tensor]:  # noqa: ANN001
-    """The tensors of ``block`` a plan points into (weights, norms, the cache)."""
+def _projection_weights(block) -> list:  # noqa: ANN001
+    """q|k|v, o, gate|up and down of ``block``: tensors, or ``QuantWeight`` modules."""
     attn, mlp = block.attention, block.mlp
-    cache = attn.kv_cache
-    ts = [block.attention_norm.weight, attn.wqkv, attn.wo, block.ffn_norm.weight,
-          mlp.w_gate_up, mlp.w_down]  # fmt: skip
-    if cache is not None:
-        ts += [cache.k, cache.v]
+    return [attn.wqkv, attn.wo, mlp.w_gate_up, mlp.w_down]
+
+
+def _plan_tensors(block) -> list[Tensor]:  # noqa: ANN001
+    """The tensors of ``block`` a plan points into (weights, or an int8 weight's codes
+    and column scales; norms; the cache)."""
+    attn = block.attention
+    ts = [block.attention_norm.weight, block.ffn_norm.weight]
+    for w in _projection_weights(block):
+        ts += [w.qweight, w.scales] if isinstance(w, QuantWeight) else [w]
+    if attn.kv_cache is not None:
+        ts += [attn.kv_cache.k, attn.kv_cache.v]
     if attn.bqkv is not None:
         ts.append(attn.bqkv)
     return ts
 
 
 def _plan_inputs(block, thresholds: Tensor, scales) -> list[Tensor] | None:  # noqa: ANN001
-    """Every tensor a ``_BlockPlan`` of ``block`` points into (their addresses key the
-    cached plan), or None where the fused step does not apply: quantized or
-    non-contiguous weights, CATS, no cache, a dtype or activation without a kernel."""
+    """Every tensor a ``_BlockPlan`` of ``block`` points into, or None where the fused
+    step does not apply: int4 (or mixed) weights, non-contiguous weights, CATS, no
+    cache, a dtype or activation without a kernel."""
     act = block.mlp.act
     if (
         block.attention.kv_cache is None
@@ -1224,11 +1336,20 @@ def _plan_inputs(block, thresholds: Tensor, scales) -> list[Tensor] | None:  # n
         or (scales and "mlp_cats" in scales)
     ):
         return None
+    weights = _projection_weights(block)
+    quant = [isinstance(w, QuantWeight) for w in weights]
+    if any(quant) and not (all(quant) and all(w.fmt == "int8" for w in weights)):
+        return None
     ts = _plan_tensors(block)
     dtype = ts[0].dtype
-    if dtype not in _DTYPE_CODE or not all(
-        isinstance(t, Tensor) and t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in ts
-    ):
+    codes = {id(w.qweight) for w in weights if isinstance(w, QuantWeight)}
+    column = {id(w.scales) for w in weights if isinstance(w, QuantWeight)}
+
+    def fits(t: Tensor) -> bool:
+        want = torch.int8 if id(t) in codes else torch.float32 if id(t) in column else dtype
+        return isinstance(t, Tensor) and t.dtype == want and t.is_cpu and t.is_contiguous()
+
+    if dtype not in _DTYPE_CODE or not all(fits(t) for t in ts):
         return None
     return [*ts, thresholds, *(scales or {}).values()]
 
@@ -1240,17 +1361,21 @@ def _block_plan(block, thresholds: Tensor, scales) -> tuple[_BlockPlan, list[Ten
     thr = _f32(thresholds)
     sc = {site: _f32(t) for site, t in (scales or {}).items()}
     bounds = _bounds(attn.splits)
+    weights = _projection_weights(block)
+    int8 = isinstance(weights[0], QuantWeight)
 
     def ptr(t: Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
+    codes = [ptr(w.qweight) if int8 else ptr(w) for w in weights]
+    col = [ptr(w.scales) if int8 else None for w in weights]
     plan = _BlockPlan(
-        _DTYPE_CODE[attn.wqkv.dtype], cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-        cfg.ffn_dim, cache.k.shape[2], cfg.sliding_windows[attn.layer] or 0, _ACT_CODE[mlp.act],
-        ptr(block.attention_norm.weight), ptr(attn.wqkv), ptr(attn.bqkv), ptr(attn.wo),
-        ptr(block.ffn_norm.weight), ptr(mlp.w_gate_up), ptr(mlp.w_down), ptr(cache.k),
-        ptr(cache.v), ptr(thr), ptr(sc.get("attn_in")), ptr(sc.get("attn_out")),
-        ptr(sc.get("mlp_in")), ptr(sc.get("mlp_mid")), ptr(bounds),
+        _DTYPE_CODE[block.attention_norm.weight.dtype], cfg.dim, cfg.n_heads, cfg.n_kv_heads,
+        cfg.head_dim, cfg.ffn_dim, cache.k.shape[2], cfg.sliding_windows[attn.layer] or 0,
+        _ACT_CODE[mlp.act], int(int8), ptr(block.attention_norm.weight), codes[0],
+        ptr(attn.bqkv), codes[1], ptr(block.ffn_norm.weight), codes[2], codes[3],
+        ptr(cache.k), ptr(cache.v), ptr(thr), ptr(sc.get("attn_in")), ptr(sc.get("attn_out")),
+        ptr(sc.get("mlp_in")), ptr(sc.get("mlp_mid")), *col, ptr(bounds),
         block.attention_norm.eps, cfg.head_dim**-0.5,
     )  # fmt: skip
     return plan, [thr, bounds, *sc.values()]
@@ -1328,7 +1453,7 @@ def _blocks_plan(blocks, thresholds: Tensor, scales, dtype: torch.dtype):  # noq
         and [t.data_ptr() for t in c.tensors] == c.addresses
     ):
         return c.plans
-    tensors = [t for b in blocks for t in _plan_tensors(b) if isinstance(t, Tensor)]
+    tensors = [t for b in blocks for t in _plan_tensors(b)]
     plans, keep = None, []
     per = [scales[i] if scales else None for i in range(len(blocks))]
     inputs = [_plan_inputs(b, thresholds[i], per[i]) for i, b in enumerate(blocks)]
@@ -1344,6 +1469,7 @@ def _blocks_plan(blocks, thresholds: Tensor, scales, dtype: torch.dtype):  # noq
 
 
 register_backend("cpu", sparse_project, sparse_gate_up)
+register_quant_backend("cpu", quant_project)
 
 if __name__ == "__main__":  # `python -m teal.kernels.cpu`: build and say which path runs
     print(implementation(), file=sys.stderr)

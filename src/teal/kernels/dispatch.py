@@ -54,19 +54,27 @@ def register_quant_backend(name: str, fn: Callable[..., Tensor]) -> None:
 def load_quant_backend(name: str) -> Callable[..., Tensor]:
     if name not in _QUANT and name == "triton":
         import teal.kernels.triton_backend  # noqa: F401  (registers itself)
+    if name not in _QUANT and name == "cpu":
+        import teal.kernels.cpu  # noqa: F401  (registers itself)
     if name not in _QUANT:
         raise RuntimeError(f"quantized backend {name!r} is not available")
     return _QUANT[name]
 
 
-def _quant_kernel(x: Tensor, sparse: SparseCall | None) -> Callable[..., Tensor] | None:
+def _quant_kernel(
+    x: Tensor, wt: QuantWeight, sparse: SparseCall | None
+) -> Callable[..., Tensor] | None:
     """The quantized kernel for this call, or None for the reference (dequantize, then
     matmul).  Dense calls on the GPU use the kernels too (threshold None): there is no
-    cuBLAS for these formats; prefill (many rows) dequantizes."""
+    cuBLAS for these formats; prefill (many rows) dequantizes.  The CPU backend has a
+    kernel for int8 only."""
     if sparse is not None:
-        if sparse.pos_mask is not None or sparse.backend != "triton":
+        if sparse.pos_mask is not None or sparse.backend not in ("triton", "cpu"):
             return None
-    elif not (x.is_cuda and x.numel() // x.shape[-1] <= 64):
+        if sparse.backend == "cpu" and wt.fmt != "int8":
+            return None
+        return load_quant_backend(sparse.backend)
+    if not (x.is_cuda and x.numel() // x.shape[-1] <= 64):
         return None
     return load_quant_backend("triton")
 
@@ -101,7 +109,7 @@ def project(
     """``x @ wt + bias`` with the input of each output segment sparsified by its own
     threshold (``thresholds[proj]``, one per entry of ``splits``)."""
     if isinstance(wt, QuantWeight):
-        fn = _quant_kernel(x, sparse)
+        fn = _quant_kernel(x, wt, sparse)
         if fn is not None:
             thr = sparse.thresholds[proj] if sparse is not None else None
             scale = sparse.scales.get(site) if sparse is not None and sparse.scales else None
@@ -139,7 +147,7 @@ def project_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall | None, ac
             wt_gate_up = wt_gate_up.dequantize(x.dtype)
         return _cats_gate_up(x, wt_gate_up, sparse, act)
     if isinstance(wt_gate_up, QuantWeight):
-        fn = _quant_kernel(x, sparse)
+        fn = _quant_kernel(x, wt_gate_up, sparse)
         if fn is not None:
             thr = sparse.thresholds[4:6] if sparse is not None else None
             scale = sparse.scales.get("mlp_in") if sparse is not None and sparse.scales else None
@@ -184,6 +192,9 @@ def lm_head(h: Tensor, weight: Tensor, backend: str) -> Tensor:
     one thread, and the head is a sixth of a small model's bytes per token.  A quantized
     head (``QuantWeight``, input-major) runs like a dense quantized projection."""
     if isinstance(weight, QuantWeight):
+        if backend == "cpu" and weight.fmt == "int8" and h.shape[-2] == 1 and not h.is_cuda:
+            # int8 codes streamed by the CPU kernel (every channel kept), not dequantized.
+            return load_quant_backend("cpu")(h, weight, None, (weight.shape[1],))
         return project(h, weight, None, None, slice(0, 1), (weight.shape[1],), "head")
     if backend == "cpu" and h.device.type == "cpu" and h.shape[-2] == 1:
         from teal.kernels import cpu
