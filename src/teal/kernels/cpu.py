@@ -62,6 +62,7 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 #include <omp.h>
+#include <type_traits>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -199,84 +200,41 @@ constexpr int64_t ALIGN = 16;   // column split points fall on 64-byte lines for
 constexpr int64_t PREFETCH_LINES = 8;
 constexpr int AHEAD = 16;       // rows prefetched ahead of the one being added
 
-// Four rows at a time: acc[j] += v0*r0[j] + v1*r1[j] + v2*r2[j] + v3*r3[j].  Explicit AVX2
-// for fp32 and bf16 (bf16 -> fp32 is a 16-bit shift); a plain loop elsewhere.
-inline void axpy4(float* acc, int64_t width, const float* v, const float* r0, const float* r1,
-                  const float* r2, const float* r3) {
-  int64_t j = 0;
 #ifdef __AVX2__
-  const __m256 a0 = _mm256_set1_ps(v[0]), a1 = _mm256_set1_ps(v[1]);
-  const __m256 a2 = _mm256_set1_ps(v[2]), a3 = _mm256_set1_ps(v[3]);
-  for (; j + 8 <= width; j += 8) {
-    __m256 s = _mm256_loadu_ps(acc + j);
-    s = _mm256_fmadd_ps(a0, _mm256_loadu_ps(r0 + j), s);
-    s = _mm256_fmadd_ps(a1, _mm256_loadu_ps(r1 + j), s);
-    s = _mm256_fmadd_ps(a2, _mm256_loadu_ps(r2 + j), s);
-    s = _mm256_fmadd_ps(a3, _mm256_loadu_ps(r3 + j), s);
-    _mm256_storeu_ps(acc + j, s);
-  }
-#endif
-  for (; j < width; ++j) acc[j] += v[0] * r0[j] + v[1] * r1[j] + v[2] * r2[j] + v[3] * r3[j];
-}
-
-#ifdef __AVX2__
+// Eight weights as fp32 lanes: fp32 as is, bf16 by a 16-bit shift, int8 codes widened.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const b16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-#endif
-
-inline void axpy4(float* acc, int64_t width, const float* v, const b16* r0, const b16* r1,
-                  const b16* r2, const b16* r3) {
-  int64_t j = 0;
-#ifdef __AVX2__
-  const __m256 a0 = _mm256_set1_ps(v[0]), a1 = _mm256_set1_ps(v[1]);
-  const __m256 a2 = _mm256_set1_ps(v[2]), a3 = _mm256_set1_ps(v[3]);
-  for (; j + 8 <= width; j += 8) {
-    __m256 s = _mm256_loadu_ps(acc + j);
-    s = _mm256_fmadd_ps(a0, load8(r0 + j), s);
-    s = _mm256_fmadd_ps(a1, load8(r1 + j), s);
-    s = _mm256_fmadd_ps(a2, load8(r2 + j), s);
-    s = _mm256_fmadd_ps(a3, load8(r3 + j), s);
-    _mm256_storeu_ps(acc + j, s);
-  }
-#endif
-  for (; j < width; ++j)
-    acc[j] += v[0] * load(r0 + j) + v[1] * load(r1 + j) + v[2] * load(r2 + j) +
-              v[3] * load(r3 + j);
-}
-
-#ifdef __AVX2__
 inline __m256 load8(const int8_t* p) {
   const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 #endif
 
-// int8 codes: the per-column scale is applied once to the finished sums.
-inline void axpy4(float* acc, int64_t width, const float* v, const int8_t* r0, const int8_t* r1,
-                  const int8_t* r2, const int8_t* r3) {
+// Four rows at a time: acc[j] += v0*r0[j] + v1*r1[j] + v2*r2[j] + v3*r3[j].  Explicit AVX2
+// for fp32, bf16 and int8 codes (an int8 weight's column scale is applied to the finished
+// sums); a plain loop for fp16 and the tail.
+template <typename W>
+inline void axpy4(float* acc, int64_t width, const float* v, const W* r0, const W* r1,
+                  const W* r2, const W* r3) {
   int64_t j = 0;
 #ifdef __AVX2__
-  const __m256 a0 = _mm256_set1_ps(v[0]), a1 = _mm256_set1_ps(v[1]);
-  const __m256 a2 = _mm256_set1_ps(v[2]), a3 = _mm256_set1_ps(v[3]);
-  for (; j + 8 <= width; j += 8) {
-    __m256 s = _mm256_loadu_ps(acc + j);
-    s = _mm256_fmadd_ps(a0, load8(r0 + j), s);
-    s = _mm256_fmadd_ps(a1, load8(r1 + j), s);
-    s = _mm256_fmadd_ps(a2, load8(r2 + j), s);
-    s = _mm256_fmadd_ps(a3, load8(r3 + j), s);
-    _mm256_storeu_ps(acc + j, s);
+  if constexpr (!std::is_same_v<W, f16>) {
+    const __m256 a0 = _mm256_set1_ps(v[0]), a1 = _mm256_set1_ps(v[1]);
+    const __m256 a2 = _mm256_set1_ps(v[2]), a3 = _mm256_set1_ps(v[3]);
+    for (; j + 8 <= width; j += 8) {
+      __m256 s = _mm256_loadu_ps(acc + j);
+      s = _mm256_fmadd_ps(a0, load8(r0 + j), s);
+      s = _mm256_fmadd_ps(a1, load8(r1 + j), s);
+      s = _mm256_fmadd_ps(a2, load8(r2 + j), s);
+      s = _mm256_fmadd_ps(a3, load8(r3 + j), s);
+      _mm256_storeu_ps(acc + j, s);
+    }
   }
 #endif
   for (; j < width; ++j)
-    acc[j] += v[0] * load(r0 + j) + v[1] * load(r1 + j) + v[2] * load(r2 + j) +
-              v[3] * load(r3 + j);
-}
-
-inline void axpy4(float* acc, int64_t width, const float* v, const f16* r0, const f16* r1,
-                  const f16* r2, const f16* r3) {
-  for (int64_t j = 0; j < width; ++j)
     acc[j] += v[0] * load(r0 + j) + v[1] * load(r1 + j) + v[2] * load(r2 + j) +
               v[3] * load(r3 + j);
 }
