@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import os
 
-import torch
+# Before torch loads the OpenMP runtime (libgomp reads this once, at load): a waiting
+# thread spins 1,000 times, not 300,000, before it sleeps.  Decode steps are hundreds of
+# short parallel regions; on a small machine where other programs also run, long
+# spinning starves the thread everyone waits for (2-core box with two busy programs,
+# dense bf16: 9.4 tok/s at libgomp's default, 27.9 at 1,000; quiet: 94.3 and 93.6;
+# benchmarks/bench_cpu_load.py).  Only a default: a value set by the user wins, and it
+# has no effect if torch was imported first.
+if not os.environ.get("TEAL_KEEP_OMP_ENV"):
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import torch  # noqa: E402
 
 from teal.api import Sparsity, calibrate, sparsify
 from teal.errors import TealError

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from teal.commands.common import parse_float_list, print_json
+from teal.commands.common import add_quant_args, parse_float_list, print_json, quantize
 from teal.errors import TealError
 
 PRESET_NAMES = ("default", "llama-3-8b", "llama-2-7b", "mistral-7b")
@@ -32,14 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default fp32 on CPU)")
     p.add_argument("--sparsity", default="0,0.4,0.5", help="comma list (default 0,0.4,0.5)")
     p.add_argument("--method", default="uniform", help="sparsity method (default uniform)")
-    p.add_argument(
-        "--quant",
-        default=None,
-        choices=("int8", "int4"),
-        help="weight-only quantization of the projections and lm_head (thresholds are"
+    add_quant_args(
+        p,
+        "weight-only quantization of the projections and lm_head (thresholds are"
         " calibrated before quantizing)",
     )
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per level (median)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -129,10 +126,7 @@ def main(args: argparse.Namespace) -> int:
         # Thresholds come from the unquantized model, as for evaluation.
         levels = [p for p in sparsities if p > 0]
         thresholds = calibration_thresholds(model, levels, args.method, progress=True)
-        try:
-            model.quantize(args.quant, group_size=args.group_size)
-        except ValueError as exc:
-            raise TealError(f"--quant {args.quant}: {exc}") from None
+        quantize(model, args)
     result = bench_decode(
         model,
         thresholds=thresholds,

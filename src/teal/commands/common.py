@@ -43,3 +43,16 @@ def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=None)
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def add_quant_args(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--quant", default=None, choices=("int8", "int4"), help=help_text)
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+
+
+def quantize(model: Any, args: argparse.Namespace) -> None:
+    """``model.quantize`` as ``--quant``/``--group-size`` ask, with one clear error."""
+    try:
+        model.quantize(args.quant, group_size=args.group_size)
+    except ValueError as exc:
+        raise TealError(f"--quant {args.quant}: {exc}") from None

@@ -6,7 +6,13 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from teal.commands.common import add_model_args, check_sparsity, print_json
+from teal.commands.common import (
+    add_model_args,
+    add_quant_args,
+    check_sparsity,
+    print_json,
+    quantize,
+)
 from teal.errors import TealError
 
 if TYPE_CHECKING:
@@ -42,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         " (default auto: greedy or greedy-layers where held-out text says they are no worse"
         " than uniform in both protocols, else uniform)",
     )
+    add_quant_args(
+        p,
+        "weight-only quantization of the projections and lm_head after loading (on the CPU"
+        " int8 runs the native kernel; int4 there runs the slow reference)",
+    )
     p.set_defaults(func=main)
 
 
@@ -73,7 +84,9 @@ def main(args: argparse.Namespace) -> int:
     args.method = check_method(args.method or DEFAULT_METHOD)
     model = teal.load(args.model, dtype=args.dtype, device=args.device)
     if args.sparsity > 0:
-        _apply_sparsity(model, args)
+        _apply_sparsity(model, args)  # reads the float weights: before quantizing
+    if args.quant:
+        quantize(model, args)
     stream = None
     if not args.json:
 
@@ -98,6 +111,7 @@ def main(args: argparse.Namespace) -> int:
                 "new_tokens": result.new_tokens,
                 "sparsity": args.sparsity,
                 "method": args.method if args.sparsity > 0 else "dense",
+                "quant": model.quant.label() if model.quant else None,
                 "tokens_per_second": round(result.tokens_per_second, 2),
             }
         )
