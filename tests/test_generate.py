@@ -94,6 +94,22 @@ def test_hf_folder_loads_and_generates(tmp_path, capsys):
     assert 1 <= obj["new_tokens"] <= 5 and obj["prompt_tokens"] >= 1
 
 
+def test_generate_cli_int8_on_threads(tmp_path, capsys):
+    """``--quant int8 --threads 1``: int8 weights (the native CPU kernel), one thread for
+    the run, torch's thread count restored after; a bad thread count is bad input."""
+    import torch
+
+    folder = write_hf_checkpoint(tmp_path / "m", TINY, seed=4)
+    before = torch.get_num_threads()
+    code = cli_main(["generate", "ab ba", "--model", str(folder), "--max-new-tokens", "5",
+                     "--quant", "int8", "--threads", "1", "--json"])  # fmt: skip
+    obj = json.loads(capsys.readouterr().out)
+    assert code == 0 and obj["quant"] == "int8" and 1 <= obj["new_tokens"] <= 5
+    assert torch.get_num_threads() == before
+    assert cli_main(["generate", "x", "--model", str(folder), "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
 def test_generate_streams_new_text_only(tmp_path):
     folder = write_hf_checkpoint(tmp_path / "m", TINY, seed=5)
     model = teal.load(folder)

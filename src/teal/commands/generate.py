@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: all; on a busy machine 1 can be faster)",
+    )
+    p.add_argument(
         "--sparsity",
         default="0",
         help="activation sparsity of the decode steps, in [0, 1) (default 0: dense)",
@@ -74,6 +80,20 @@ def _apply_sparsity(model: Transformer, args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads is not None and args.threads < 1:
+        raise TealError(f"--threads must be at least 1, got {args.threads}")
+    old_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _generate(args)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _generate(args: argparse.Namespace) -> int:
     import teal
     from teal.sparsity.methods import DEFAULT_METHOD, check_method
 
