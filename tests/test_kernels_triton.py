@@ -221,6 +221,92 @@ def test_threshold_compared_in_activation_dtype(dtype):
     assert not ref.keep_mask(x, t[0]).any(dim=0)[::3].any()  # the reference drops them too
 
 
+def _norm_inputs(b, k, dtype, seed):
+    g = _gen(seed)
+    h = (3 * torch.randn(b, k, generator=g)).to(dtype).to(DEVICE)
+    gain = (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEVICE)
+    return h, gain
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize(
+    "cfg", [None, *CONFIGS[:4], CONFIGS[-2]], ids=lambda c: _cfg_id(c) if c else "default"
+)
+def test_norm_and_residual_fused(dtype, b, cfg):
+    """The RMSNorm in front (every program normalises x itself) and the residual add in
+    the epilogue against the unfused reference ops."""
+    k, splits = 203, (64, 40, 46)
+    n = sum(splits)
+    h, gain = _norm_inputs(b, k, dtype, seed=b + 40)
+    _, wt, s = _inputs(b, k, n, dtype, seed=41, scale=True)
+    x = ref.rms_norm(h, gain, 1e-5)
+    t = _tensor([_threshold(x, 0.0), _threshold(x, 0.5), _threshold(x, 0.8)])
+    y = tg.sparse_gemv_fused(h, wt, t, splits, s, config=cfg, norm=(gain, 1e-5))
+    check_close(y, ref.sparse_linear_fused(x, wt, t, splits, s), dtype)
+    t2 = _tensor([_threshold(x, 0.3), _threshold(x, 0.6)])
+    g = tg.sparse_gate_up_act(h, wt[:, :150], t2, "silu", config=cfg, norm=(gain, 1e-5))
+    check_close(g, ref.sparse_gate_up_act(x, wt[:, :150], t2, "silu"), dtype)
+    t1 = _tensor([_threshold(x, 0.45)] * 2)  # one shared list
+    g = tg.sparse_gate_up_act(h, wt[:, :150], t1, "silu", config=cfg, norm=(gain, 1e-5))
+    check_close(g, ref.sparse_gate_up_act(x, wt[:, :150], t1, "silu"), dtype)
+    res = torch.randn(b, n, generator=_gen(42)).to(dtype).to(DEVICE)
+    y = tg.sparse_gemv_fused(x, wt, t, splits, s, config=cfg, residual=res)
+    want = res + ref.sparse_linear_fused(x, wt, t, splits, s)
+    check_close(y, want, dtype)
+
+
+def test_residual_add_rounds_as_two_torch_ops():
+    """Output rounded, then the sum rounded: bitwise the unfused ``h + y``."""
+    k, n = 96, 80
+    x, wt, _ = _inputs(1, k, n, torch.bfloat16, seed=43)
+    t = _tensor(_threshold(x, 0.5))
+    res = (100 * torch.randn(1, n, generator=_gen(44))).to(torch.bfloat16).to(DEVICE)
+    cfg = tg.GemvConfig(block_n=32, rows=16, split_k=1, num_warps=1)
+    y = tg.sparse_gemv(x, wt, t, config=cfg)
+    assert torch.equal(tg.sparse_gemv_fused(x, wt, t, (n,), config=cfg, residual=res), res + y)
+
+
+def test_norm_errors_say_what_is_wrong():
+    x, wt, _ = _inputs(1, 32, 16, torch.float16)
+    t = _tensor(0.1)
+    with pytest.raises(ValueError, match="gain"):
+        tg.sparse_gemv_fused(x, wt, t, (16,), norm=(torch.ones(31, dtype=x.dtype), 1e-5))
+    with pytest.raises(ValueError, match="residual"):
+        tg.sparse_gemv_fused(x, wt, t, (16,), residual=torch.ones(1, 15, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_decode_step_triton_equals_torch(dtype):
+    """A whole decode step with the glue fused into the kernels (triton backend) against
+    the model's plain-torch sparse path."""
+    from teal.model.build import random_model
+    from teal.model.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+        max_seq_len=64,
+    )  # fmt: skip
+    model = random_model(cfg, dtype=dtype, device=DEVICE, seed=5)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 11]], device=DEVICE)
+    model.setup_cache(1, 16)
+    model(ids[:, :5], torch.arange(5, device=DEVICE))
+    step = (ids[:, 5:], torch.tensor([5], device=DEVICE))
+    thr = torch.full((cfg.n_layers, 7), 0.3)
+    thr[:, 4] = 0.4  # gate and up with different thresholds
+    thr[:, 6] = 0.02
+    model.set_sparsity(thr, mode="decode")
+    model.set_backend("torch")
+    want = model(*step)
+    model.set_backend("triton")
+    got = model(*step)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:
+        check_close(got, want, dtype)
+    model.clear_sparsity()
+
+
 def test_deterministic():
     x, wt, _ = _inputs(1, 257, 96, torch.bfloat16, seed=4)
     t = _tensor(_threshold(x, 0.5))

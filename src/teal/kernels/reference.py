@@ -77,3 +77,11 @@ def apply_act(x: Tensor, act: str) -> Tensor:
     if act == "gelu":
         return torch.nn.functional.gelu(x, approximate="tanh")
     raise ValueError(f"unknown activation {act!r}: expected silu, relu, relu2 or gelu")
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as the model computes it: normalised in fp32, cast back to ``x``'s dtype
+    before the gain (in bf16 the order of these two steps changes the result)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)

@@ -19,23 +19,42 @@ MAX_ROWS = triton_gemv.MAX_BATCH
 
 @torch.library.custom_op("teal::sparse_gemv_fused", mutates_args=())
 def _fused(
-    x: Tensor, wt: Tensor, thresholds: Tensor, splits: list[int], scale: Tensor | None
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    splits: list[int],
+    scale: Tensor | None,
+    norm_w: Tensor | None,
+    eps: float,
+    residual: Tensor | None,
 ) -> Tensor:
-    return triton_gemv.sparse_gemv_fused(x, wt, thresholds, tuple(splits), scale)
+    norm = None if norm_w is None else (norm_w, eps)
+    return triton_gemv.sparse_gemv_fused(
+        x, wt, thresholds, tuple(splits), scale, norm=norm, residual=residual
+    )
 
 
 @_fused.register_fake
-def _(x, wt, thresholds, splits, scale):  # noqa: ANN001, ANN202
+def _(x, wt, thresholds, splits, scale, norm_w, eps, residual):  # noqa: ANN001, ANN202
     return x.new_empty(x.shape[0], wt.shape[1])
 
 
 @torch.library.custom_op("teal::sparse_gate_up_act", mutates_args=())
-def _gate_up(x: Tensor, wt: Tensor, thresholds: Tensor, act: str, scale: Tensor | None) -> Tensor:
-    return triton_gemv.sparse_gate_up_act(x, wt, thresholds, act, scale)
+def _gate_up(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    act: str,
+    scale: Tensor | None,
+    norm_w: Tensor | None,
+    eps: float,
+) -> Tensor:
+    norm = None if norm_w is None else (norm_w, eps)
+    return triton_gemv.sparse_gate_up_act(x, wt, thresholds, act, scale, norm=norm)
 
 
 @_gate_up.register_fake
-def _(x, wt, thresholds, act, scale):  # noqa: ANN001, ANN202
+def _(x, wt, thresholds, act, scale, norm_w, eps):  # noqa: ANN001, ANN202
     return x.new_empty(x.shape[0], wt.shape[1] // 2)
 
 
@@ -50,18 +69,36 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def project(
-    x: Tensor, wt: Tensor, thresholds: Tensor, splits: tuple[int, ...], scale: Tensor | None
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    splits: tuple[int, ...],
+    scale: Tensor | None,
+    norm: tuple[Tensor, float] | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    y = _fused(_rows(x), wt, thresholds, list(splits), scale)
+    """``norm``: ``(gain, eps)`` of the RMSNorm in front (done in the kernel);
+    ``residual``: added to the output in the kernel's epilogue."""
+    nw, eps = norm if norm is not None else (None, 0.0)
+    res = None if residual is None else residual.reshape(-1, wt.shape[1])
+    y = _fused(_rows(x), wt, thresholds, list(splits), scale, nw, float(eps), res)
     return y.view(*x.shape[:-1], wt.shape[1])
 
 
-def gate_up(x: Tensor, wt: Tensor, thresholds: Tensor, act: str, scale: Tensor | None) -> Tensor:
-    y = _gate_up(_rows(x), wt, thresholds, act, scale)
+def gate_up(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    act: str,
+    scale: Tensor | None,
+    norm: tuple[Tensor, float] | None = None,
+) -> Tensor:
+    nw, eps = norm if norm is not None else (None, 0.0)
+    y = _gate_up(_rows(x), wt, thresholds, act, scale, nw, float(eps))
     return y.view(*x.shape[:-1], wt.shape[1] // 2)
 
 
-register_backend("triton", project, gate_up)
+register_backend("triton", project, gate_up, fuses_glue=True)
 
 
 @torch.library.custom_op("teal::quant_gemv", mutates_args=())

@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from teal.kernels.dispatch import SparseCall, decode_glue, lm_head, project, project_gate_up
+from teal.kernels import reference
+from teal.kernels.dispatch import (
+    SparseCall,
+    decode_glue,
+    fuses_glue,
+    lm_head,
+    project,
+    project_gate_up,
+)
 from teal.model.config import ModelConfig, llama3_inv_freq_scale
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -44,11 +52,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor, glue=None) -> Tensor:  # noqa: ANN001 (a DecodeGlue)
         if glue is not None:
             return glue.rms_norm(x, self.weight, self.eps)
-        # Normalise in fp32 and cast back before the gain, as the reference does: in
-        # bf16 the order of these two steps changes the result.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return reference.rms_norm(x, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -99,17 +103,23 @@ class Attention(nn.Module):
         sparse: SparseCall | None,
         observer: Observer | None,
         glue=None,  # noqa: ANN001 (a cpu.DecodeGlue: native one-token attention)
+        norm: tuple[Tensor, float] | None = None,
+        residual: Tensor | None = None,
     ) -> Tensor:
+        """``norm``, ``residual``: see ``dispatch.project`` (the block's glue, for backends
+        that fuse it into the kernels)."""
         cfg = self.cfg
         bsz, seqlen, _ = x.shape
         if observer is not None:
             observer(self.layer, "attn_in", x, sparse.pos_mask if sparse else None)
-        qkv = project(x, self.wqkv, self.bqkv, sparse, slice(0, 3), self.splits, "attn_in")
+        qkv = project(
+            x, self.wqkv, self.bqkv, sparse, slice(0, 3), self.splits, "attn_in", norm=norm
+        )
         if glue is not None and self.kv_cache is not None:
             cache, window = self.kv_cache, cfg.sliding_windows[self.layer]
             out = glue.attention(qkv, *rope, cache.k, cache.v, window, cfg.n_heads,
                                  cfg.n_kv_heads)  # fmt: skip
-            return self._out(out, sparse, observer)
+            return self._out(out, sparse, observer, residual)
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(bsz, seqlen, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(bsz, seqlen, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -122,12 +132,21 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, enable_gqa=cfg.n_heads != cfg.n_kv_heads
         )
         out = out.transpose(1, 2).reshape(bsz, seqlen, cfg.n_heads * cfg.head_dim)
-        return self._out(out, sparse, observer)
+        return self._out(out, sparse, observer, residual)
 
-    def _out(self, out: Tensor, sparse: SparseCall | None, observer: Observer | None) -> Tensor:
+    def _out(
+        self,
+        out: Tensor,
+        sparse: SparseCall | None,
+        observer: Observer | None,
+        residual: Tensor | None = None,
+    ) -> Tensor:
         if observer is not None:
             observer(self.layer, "attn_out", out, sparse.pos_mask if sparse else None)
-        return project(out, self.wo, None, sparse, slice(3, 4), (self.cfg.dim,), "attn_out")
+        return project(
+            out, self.wo, None, sparse, slice(3, 4), (self.cfg.dim,), "attn_out",
+            residual=residual,
+        )  # fmt: skip
 
 
 class MLP(nn.Module):
@@ -138,15 +157,24 @@ class MLP(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(cfg.dim, 2 * cfg.ffn_dim))  # [gate | up]
         self.w_down = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))
 
-    def forward(self, x: Tensor, sparse: SparseCall | None, observer: Observer | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        sparse: SparseCall | None,
+        observer: Observer | None,
+        norm: tuple[Tensor, float] | None = None,
+        residual: Tensor | None = None,
+    ) -> Tensor:
         pos_mask = sparse.pos_mask if sparse else None
         if observer is not None:
             observer(self.layer, "mlp_in", x, pos_mask)
-        mid = project_gate_up(x, self.w_gate_up, sparse, self.act)
+        mid = project_gate_up(x, self.w_gate_up, sparse, self.act, norm=norm)
         if observer is not None:
             observer(self.layer, "mlp_mid", mid, pos_mask)
         dim = self.w_down.shape[1]
-        return project(mid, self.w_down, None, sparse, slice(6, 7), (dim,), "mlp_mid")
+        return project(
+            mid, self.w_down, None, sparse, slice(6, 7), (dim,), "mlp_mid", residual=residual
+        )
 
 
 class Block(nn.Module):
@@ -164,6 +192,14 @@ class Block(nn.Module):
             out = glue.block(self, h, *rope, sparse.thresholds, sparse.scales)
             if out is not None:
                 return out
+        if glue is None and observer is None and fuses_glue(sparse):
+            # The sparse kernels take both norms and both residual adds (the same ops and
+            # roundings as below): three kernels fewer per block in a decode step.
+            an, fn = self.attention_norm, self.ffn_norm
+            h = self.attention(
+                h, rope, mask, input_pos, sparse, None, norm=(an.weight, an.eps), residual=h
+            )
+            return self.mlp(h, sparse, None, norm=(fn.weight, fn.eps), residual=h)
         x = self.attention_norm(h, glue)
         h = h + self.attention(x, rope, mask, input_pos, sparse, observer, glue)
         return h + self.mlp(self.ffn_norm(h, glue), sparse, observer)
