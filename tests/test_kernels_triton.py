@@ -307,6 +307,63 @@ def test_model_decode_step_triton_equals_torch(dtype):
     model.clear_sparsity()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *DTYPES])
+@pytest.mark.parametrize("heads,window,pos", [((4, 2), None, 17), ((4, 4), 5, 33), ((6, 2), 40, 0)])
+def test_decode_attention(dtype, heads, window, pos):
+    """RoPE, cache write and attention in one kernel against the model's torch ops; the
+    caches must end up bitwise equal."""
+    from teal.kernels.triton_attention import decode_attention
+
+    (hq, hkv), b, d, max_len = heads, 2, 16, 40
+    g = _gen(pos + hq)
+    qkv = torch.randn(b, 1, (hq + 2 * hkv) * d, generator=g).to(dtype).to(DEVICE)
+    kc = torch.randn(b, hkv, max_len, d, generator=g).to(dtype).to(DEVICE)
+    vc = torch.randn(b, hkv, max_len, d, generator=g).to(dtype).to(DEVICE)
+    p = torch.tensor([pos], device=DEVICE)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=DEVICE).float() / d))
+    emb = (p.float()[:, None] * inv[None]).repeat(1, 2)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    want = ref.decode_attention(qkv, cos, sin, k1, v1, p, hq, hkv, window)
+    got = decode_attention(qkv, cos, sin, k2, v2, p, hq, hkv, window)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        check_close(got, want, dtype)
+
+
+def test_model_decode_attention_kernel_equals_torch_ops():
+    """A model's decode steps with attention as one kernel against its torch ops, dense
+    and sparse (the sparse one with the glue fused into the projections too)."""
+    from teal.model.build import random_model
+    from teal.model.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+        max_seq_len=64, sliding_windows=(3, None),
+    )  # fmt: skip
+    model = random_model(cfg, dtype=torch.float32, device=DEVICE, seed=6)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 11, 3]], device=DEVICE)
+    for sparse in (False, True):
+        if sparse:
+            model.set_sparsity(torch.full((cfg.n_layers, 7), 0.3), mode="decode")
+            model.set_backend("triton")
+        outs = []
+        for kernel in (None, "triton"):
+            model.set_decode_attention(kernel)
+            model.setup_cache(1, 16)
+            model(ids[:, :5], torch.arange(5, device=DEVICE))
+            steps = [model(ids[:, i : i + 1], torch.tensor([i], device=DEVICE)) for i in (5, 6)]
+            outs.append((steps, model.layers[1].attention.kv_cache.k.clone()))
+        (want, kw), (got, kg) = outs
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kg, kw, rtol=1e-6, atol=1e-6)
+    model.set_decode_attention(None)
+    model.clear_sparsity()
+
+
 def test_deterministic():
     x, wt, _ = _inputs(1, 257, 96, torch.bfloat16, seed=4)
     t = _tensor(_threshold(x, 0.5))

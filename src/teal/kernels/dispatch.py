@@ -53,6 +53,27 @@ def register_backend(
         _FUSES_GLUE.add(name)
 
 
+# One-token attention kernels (RoPE, cache write, attention in one launch): name -> fn
+# with ``reference.decode_attention``'s signature.
+_ATTENTION: dict[str, Callable[..., Tensor]] = {}
+
+
+def register_decode_attention(name: str, fn: Callable[..., Tensor]) -> None:
+    _ATTENTION[name] = fn
+
+
+def load_decode_attention(name: str) -> Callable[..., Tensor]:
+    """The decode-attention kernel of a backend (``triton``), or the torch reference
+    (``torch``)."""
+    if name == "torch":
+        return reference.decode_attention
+    if name not in _ATTENTION and name == "triton":
+        import teal.kernels.triton_backend  # noqa: F401  (registers itself)
+    if name not in _ATTENTION:
+        raise RuntimeError(f"no decode-attention kernel for backend {name!r}")
+    return _ATTENTION[name]
+
+
 def fuses_glue(sparse: SparseCall | None) -> bool:
     """Whether this call's projections take the norm and residual add themselves (the
     model then hands them the un-normalised residual stream)."""

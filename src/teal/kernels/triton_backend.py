@@ -11,8 +11,12 @@ import torch
 from torch import Tensor
 
 from teal.errors import TealError
-from teal.kernels import triton_gemv, triton_quant
-from teal.kernels.dispatch import register_backend, register_quant_backend
+from teal.kernels import triton_attention, triton_gemv, triton_quant
+from teal.kernels.dispatch import (
+    register_backend,
+    register_decode_attention,
+    register_quant_backend,
+)
 
 MAX_ROWS = triton_gemv.MAX_BATCH
 
@@ -147,3 +151,44 @@ def quant_project(
 
 
 register_quant_backend("triton", quant_project)
+
+
+@torch.library.custom_op("teal::decode_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_attention(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    input_pos: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    window: int,
+) -> Tensor:
+    return triton_attention.decode_attention(
+        qkv, cos, sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window or None
+    )
+
+
+@_decode_attention.register_fake
+def _(qkv, cos, sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window):  # noqa: ANN001, ANN202
+    return qkv.new_empty(qkv.shape[0], 1, n_heads * k_cache.shape[-1])
+
+
+def decode_attention(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    input_pos: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    window: int | None,
+) -> Tensor:
+    return _decode_attention(
+        qkv, cos, sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, int(window or 0)
+    )
+
+
+register_decode_attention("triton", decode_attention)

@@ -28,6 +28,7 @@ from teal.kernels.dispatch import (
     decode_glue,
     fuses_glue,
     lm_head,
+    load_decode_attention,
     project,
     project_gate_up,
 )
@@ -93,6 +94,9 @@ class Attention(nn.Module):
         self.bqkv = nn.Parameter(torch.zeros(sum(self.splits))) if cfg.qkv_bias else None
         self.wo = nn.Parameter(torch.empty(cfg.n_heads * hd, cfg.dim))
         self.kv_cache: KVCache | None = None
+        # One-token steps: RoPE, cache write and attention in one kernel (set by
+        # ``Transformer.set_decode_attention``; None: the torch ops below).
+        self.decode_kernel: Callable[..., Tensor] | None = None
 
     def forward(
         self,
@@ -119,6 +123,16 @@ class Attention(nn.Module):
             cache, window = self.kv_cache, cfg.sliding_windows[self.layer]
             out = glue.attention(qkv, *rope, cache.k, cache.v, window, cfg.n_heads,
                                  cfg.n_kv_heads)  # fmt: skip
+            return self._out(out, sparse, observer, residual)
+        if (
+            self.decode_kernel is not None
+            and seqlen == 1
+            and self.kv_cache is not None
+            and input_pos is not None
+        ):
+            cache, window = self.kv_cache, cfg.sliding_windows[self.layer]
+            out = self.decode_kernel(qkv, *rope, cache.k, cache.v, input_pos, cfg.n_heads,
+                                     cfg.n_kv_heads, window)  # fmt: skip
             return self._out(out, sparse, observer, residual)
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(bsz, seqlen, cfg.n_heads, cfg.head_dim).transpose(1, 2)
@@ -289,6 +303,14 @@ class Transformer(nn.Module):
     def clear_sparsity(self) -> None:
         self.sparse_mode = "off"
         self.sparse_scales = None
+
+    def set_decode_attention(self, backend: str | None) -> None:
+        """``"triton"``: one-token steps with a KV cache run RoPE, the cache write and
+        attention as one kernel (``kernels/triton_attention.py``; the CUDA engine sets
+        this); ``None``: the torch ops (RoPE, ``index_copy_``, SDPA)."""
+        fn = None if backend is None else load_decode_attention(backend)
+        for block in self.layers:
+            block.attention.decode_kernel = fn
 
     def set_backend(self, backend: str) -> None:
         """Which implementation runs sparse decode steps: ``torch`` (reference),
