@@ -94,6 +94,10 @@ class Attention(nn.Module):
         self.bqkv = nn.Parameter(torch.zeros(sum(self.splits))) if cfg.qkv_bias else None
         self.wo = nn.Parameter(torch.empty(cfg.n_heads * hd, cfg.dim))
         self.kv_cache: KVCache | None = None
+        # Read in the compiled decode step instead of ``cfg.sliding_windows[self.layer]``:
+        # torch.compile treats int attributes as constants, so reading the layer index
+        # would compile the shared block once per layer.
+        self.window = cfg.sliding_windows[layer]
         # One-token steps: RoPE, cache write and attention in one kernel (set by
         # ``Transformer.set_decode_attention``; None: the torch ops below).
         self.decode_kernel: Callable[..., Tensor] | None = None
@@ -130,9 +134,9 @@ class Attention(nn.Module):
             and self.kv_cache is not None
             and input_pos is not None
         ):
-            cache, window = self.kv_cache, cfg.sliding_windows[self.layer]
+            cache = self.kv_cache
             out = self.decode_kernel(qkv, *rope, cache.k, cache.v, input_pos, cfg.n_heads,
-                                     cfg.n_kv_heads, window)  # fmt: skip
+                                     cfg.n_kv_heads, self.window)  # fmt: skip
             return self._out(out, sparse, observer, residual)
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(bsz, seqlen, cfg.n_heads, cfg.head_dim).transpose(1, 2)
