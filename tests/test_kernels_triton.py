@@ -308,13 +308,17 @@ def test_model_decode_step_triton_equals_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *DTYPES])
-@pytest.mark.parametrize("heads,window,pos", [((4, 2), None, 17), ((4, 4), 5, 33), ((6, 2), 40, 0)])
+@pytest.mark.parametrize(
+    "heads,window,pos",
+    [((4, 2), None, 17), ((4, 4), 5, 33), ((6, 2), 40, 0), ((4, 2), None, 130), ((4, 1), 9, 149)],
+)
 def test_decode_attention(dtype, heads, window, pos):
     """RoPE, cache write and attention in one kernel against the model's torch ops; the
     caches must end up bitwise equal."""
     from teal.kernels.triton_attention import decode_attention
 
-    (hq, hkv), b, d, max_len = heads, 2, 16, 40
+    # 40 positions: two programs per head; 150: five (a count that is no power of two).
+    (hq, hkv), b, d, max_len = heads, 2, 16, 40 if pos < 40 else 150
     g = _gen(pos + hq)
     qkv = torch.randn(b, 1, (hq + 2 * hkv) * d, generator=g).to(dtype).to(DEVICE)
     kc = torch.randn(b, hkv, max_len, d, generator=g).to(dtype).to(DEVICE)
