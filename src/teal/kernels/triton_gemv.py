@@ -30,6 +30,11 @@ channel is a whole row never read. One launch does everything:
    to zero, so concurrent launches of these kernels on different streams of the same
    device are not supported (decoding uses one stream).
 
+The block's glue can ride along (``norm=``, ``residual=``): with ``norm`` every program
+normalises x itself (``_scores_norm``: the sum of squares over all of K, a few KB from
+L2, instead of a separate RMSNorm kernel); with ``residual`` the epilogue adds the
+residual stream. That removes three kernels per block from a decode step.
+
 Batches of 2..64 rows use the union of the rows' kept channels (a row of ``wt`` is read
 once for all rows) and a ``tl.dot`` over the gathered rows; each row still uses its own
 masked values, so every row of the result equals the reference for that row.
