@@ -221,6 +221,189 @@ def test_threshold_compared_in_activation_dtype(dtype):
     assert not ref.keep_mask(x, t[0]).any(dim=0)[::3].any()  # the reference drops them too
 
 
+def _norm_inputs(b, k, dtype, seed):
+    g = _gen(seed)
+    h = (3 * torch.randn(b, k, generator=g)).to(dtype).to(DEVICE)
+    gain = (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEVICE)
+    return h, gain
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize(
+    "cfg", [None, *CONFIGS[:4], CONFIGS[-2]], ids=lambda c: _cfg_id(c) if c else "default"
+)
+def test_norm_and_residual_fused(dtype, b, cfg):
+    """The RMSNorm in front (every program normalises x itself) and the residual add in
+    the epilogue against the unfused reference ops."""
+    k, splits = 203, (64, 40, 46)
+    n = sum(splits)
+    h, gain = _norm_inputs(b, k, dtype, seed=b + 40)
+    _, wt, s = _inputs(b, k, n, dtype, seed=41, scale=True)
+    x = ref.rms_norm(h, gain, 1e-5)
+    t = _tensor([_threshold(x, 0.0), _threshold(x, 0.5), _threshold(x, 0.8)])
+    y = tg.sparse_gemv_fused(h, wt, t, splits, s, config=cfg, norm=(gain, 1e-5))
+    check_close(y, ref.sparse_linear_fused(x, wt, t, splits, s), dtype)
+    t2 = _tensor([_threshold(x, 0.3), _threshold(x, 0.6)])
+    g = tg.sparse_gate_up_act(h, wt[:, :150], t2, "silu", config=cfg, norm=(gain, 1e-5))
+    check_close(g, ref.sparse_gate_up_act(x, wt[:, :150], t2, "silu"), dtype)
+    t1 = _tensor([_threshold(x, 0.45)] * 2)  # one shared list
+    g = tg.sparse_gate_up_act(h, wt[:, :150], t1, "silu", config=cfg, norm=(gain, 1e-5))
+    check_close(g, ref.sparse_gate_up_act(x, wt[:, :150], t1, "silu"), dtype)
+    res = torch.randn(b, n, generator=_gen(42)).to(dtype).to(DEVICE)
+    y = tg.sparse_gemv_fused(x, wt, t, splits, s, config=cfg, residual=res)
+    want = res + ref.sparse_linear_fused(x, wt, t, splits, s)
+    check_close(y, want, dtype)
+
+
+def test_residual_add_rounds_as_two_torch_ops():
+    """Output rounded, then the sum rounded: bitwise the unfused ``h + y``."""
+    k, n = 96, 80
+    x, wt, _ = _inputs(1, k, n, torch.bfloat16, seed=43)
+    t = _tensor(_threshold(x, 0.5))
+    res = (100 * torch.randn(1, n, generator=_gen(44))).to(torch.bfloat16).to(DEVICE)
+    cfg = tg.GemvConfig(block_n=32, rows=16, split_k=1, num_warps=1)
+    y = tg.sparse_gemv(x, wt, t, config=cfg)
+    assert torch.equal(tg.sparse_gemv_fused(x, wt, t, (n,), config=cfg, residual=res), res + y)
+
+
+def test_norm_errors_say_what_is_wrong():
+    x, wt, _ = _inputs(1, 32, 16, torch.float16)
+    t = _tensor(0.1)
+    with pytest.raises(ValueError, match="gain"):
+        tg.sparse_gemv_fused(x, wt, t, (16,), norm=(torch.ones(31, dtype=x.dtype), 1e-5))
+    with pytest.raises(ValueError, match="residual"):
+        tg.sparse_gemv_fused(x, wt, t, (16,), residual=torch.ones(1, 15, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_decode_step_triton_equals_torch(dtype):
+    """A whole decode step with the glue fused into the kernels (triton backend) against
+    the model's plain-torch sparse path."""
+    from teal.model.build import random_model
+    from teal.model.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+        max_seq_len=64,
+    )  # fmt: skip
+    model = random_model(cfg, dtype=dtype, device=DEVICE, seed=5)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 11]], device=DEVICE)
+    model.setup_cache(1, 16)
+    model(ids[:, :5], torch.arange(5, device=DEVICE))
+    step = (ids[:, 5:], torch.tensor([5], device=DEVICE))
+    thr = torch.full((cfg.n_layers, 7), 0.3)
+    thr[:, 4] = 0.4  # gate and up with different thresholds
+    thr[:, 6] = 0.02
+    model.set_sparsity(thr, mode="decode")
+    model.set_backend("torch")
+    want = model(*step)
+    model.set_backend("triton")
+    got = model(*step)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:
+        check_close(got, want, dtype)
+    model.clear_sparsity()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *DTYPES])
+@pytest.mark.parametrize(
+    "heads,window,pos",
+    [((4, 2), None, 17), ((4, 4), 5, 33), ((6, 2), 40, 0), ((4, 2), None, 130), ((4, 1), 9, 149)],
+)
+def test_decode_attention(dtype, heads, window, pos):
+    """RoPE, cache write and attention in one kernel against the model's torch ops; the
+    caches must end up bitwise equal."""
+    from teal.kernels.triton_attention import decode_attention
+
+    # 40 positions: two programs per head; 150: five (a count that is no power of two).
+    (hq, hkv), b, d, max_len = heads, 2, 16, 40 if pos < 40 else 150
+    g = _gen(pos + hq)
+    qkv = torch.randn(b, 1, (hq + 2 * hkv) * d, generator=g).to(dtype).to(DEVICE)
+    kc = torch.randn(b, hkv, max_len, d, generator=g).to(dtype).to(DEVICE)
+    vc = torch.randn(b, hkv, max_len, d, generator=g).to(dtype).to(DEVICE)
+    p = torch.tensor([pos], device=DEVICE)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=DEVICE).float() / d))
+    emb = (p.float()[:, None] * inv[None]).repeat(1, 2)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    want = ref.decode_attention(qkv, cos, sin, k1, v1, p, hq, hkv, window)
+    got = decode_attention(qkv, cos, sin, k2, v2, p, hq, hkv, window)
+    assert torch.equal(v1, v2)
+    # The roped key: within one rounding (a GPU may fuse the multiply-add).
+    check_close(k2, k1, dtype if dtype != torch.float32 else torch.float16)
+    others = torch.ones(max_len, dtype=torch.bool, device=DEVICE)
+    others[pos] = False
+    assert torch.equal(k1[:, :, others], k2[:, :, others])
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        check_close(got, want, dtype)
+
+
+def test_compiled_block_compiles_once_for_all_layers():
+    """The decode block is compiled once and shared by every layer (the engine's
+    ``compile="blocks"``): nothing in its traced code may depend on the layer index."""
+    from teal.model.build import random_model
+    from teal.model.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=64, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+        max_seq_len=64,
+    )  # fmt: skip
+    model = random_model(cfg, dtype=torch.float32, device=DEVICE, seed=7)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 11]], device=DEVICE)
+    model.setup_cache(1, 16)
+    model(ids[:, :5], torch.arange(5, device=DEVICE))
+    model.set_sparsity(torch.full((cfg.n_layers, 7), 0.3), mode="decode")
+    model.set_backend("triton")
+    model.set_decode_attention("triton")
+    torch._dynamo.reset()
+    model.decode_blocks = [
+        torch.compile(b, fullgraph=True, dynamic=False, backend="aot_eager") for b in model.layers
+    ]
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            model(ids[:, 5:], torch.tensor([5], device=DEVICE))
+    finally:
+        model.decode_blocks = None
+        model.set_decode_attention(None)
+        model.clear_sparsity()
+        torch._dynamo.reset()
+
+
+def test_model_decode_attention_kernel_equals_torch_ops():
+    """A model's decode steps with attention as one kernel against its torch ops, dense
+    and sparse (the sparse one with the glue fused into the projections too)."""
+    from teal.model.build import random_model
+    from teal.model.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+        max_seq_len=64, sliding_windows=(3, None),
+    )  # fmt: skip
+    model = random_model(cfg, dtype=torch.float32, device=DEVICE, seed=6)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 11, 3]], device=DEVICE)
+    for sparse in (False, True):
+        if sparse:
+            model.set_sparsity(torch.full((cfg.n_layers, 7), 0.3), mode="decode")
+            model.set_backend("triton")
+        outs = []
+        for kernel in (None, "triton"):
+            model.set_decode_attention(kernel)
+            model.setup_cache(1, 16)
+            model(ids[:, :5], torch.arange(5, device=DEVICE))
+            steps = [model(ids[:, i : i + 1], torch.tensor([i], device=DEVICE)) for i in (5, 6)]
+            outs.append((steps, model.layers[1].attention.kv_cache.k.clone()))
+        (want, kw), (got, kg) = outs
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kg, kw, rtol=1e-6, atol=1e-6)
+    model.set_decode_attention(None)
+    model.clear_sparsity()
+
+
 def test_deterministic():
     x, wt, _ = _inputs(1, 257, 96, torch.bfloat16, seed=4)
     t = _tensor(_threshold(x, 0.5))

@@ -177,6 +177,7 @@ def _generate_cuda(
             printed = _emit(tok, new, printed, stream)
     t2 = time.perf_counter()
     model.decode_blocks = None
+    model.set_decode_attention(None)
     model.clear_cache()
     if stop_at_eos and new and new[-1] in eos:
         new = new[:-1]

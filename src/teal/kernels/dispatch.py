@@ -36,10 +36,51 @@ class SparseCall:
 _FAST: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {}
 
 
+# Backends whose kernels also take the block's glue around a sparse projection: the
+# RMSNorm in front of q|k|v and gate|up (``norm=``) and the residual add after o and
+# down (``residual=``), so a decode step runs three kernels fewer per block.
+_FUSES_GLUE: set[str] = set()
+
+
 def register_backend(
-    name: str, project_fn: Callable[..., Tensor], gate_up_fn: Callable[..., Tensor]
+    name: str,
+    project_fn: Callable[..., Tensor],
+    gate_up_fn: Callable[..., Tensor],
+    fuses_glue: bool = False,
 ) -> None:
     _FAST[name] = (project_fn, gate_up_fn)
+    if fuses_glue:
+        _FUSES_GLUE.add(name)
+
+
+# One-token attention kernels (RoPE, cache write, attention in one launch): name -> fn
+# with ``reference.decode_attention``'s signature.
+_ATTENTION: dict[str, Callable[..., Tensor]] = {}
+
+
+def register_decode_attention(name: str, fn: Callable[..., Tensor]) -> None:
+    _ATTENTION[name] = fn
+
+
+def load_decode_attention(name: str) -> Callable[..., Tensor]:
+    """The decode-attention kernel of a backend (``triton``), or the torch reference
+    (``torch``)."""
+    if name == "torch":
+        return reference.decode_attention
+    if name not in _ATTENTION and name == "triton":
+        import teal.kernels.triton_backend  # noqa: F401  (registers itself)
+    if name not in _ATTENTION:
+        raise RuntimeError(f"no decode-attention kernel for backend {name!r}")
+    return _ATTENTION[name]
+
+
+def fuses_glue(sparse: SparseCall | None) -> bool:
+    """Whether this call's projections take the norm and residual add themselves (the
+    model then hands them the un-normalised residual stream)."""
+    if sparse is None or sparse.pos_mask is not None or sparse.backend == "torch":
+        return False
+    load_backend(sparse.backend)
+    return sparse.backend in _FUSES_GLUE
 
 
 # Quantized weights (``teal.model.quant``): name -> one function for both kinds of call,
@@ -105,9 +146,41 @@ def project(
     proj: slice,
     splits: tuple[int, ...],
     site: str,
+    *,
+    norm: tuple[Tensor, float] | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """``x @ wt + bias`` with the input of each output segment sparsified by its own
-    threshold (``thresholds[proj]``, one per entry of ``splits``)."""
+    threshold (``thresholds[proj]``, one per entry of ``splits``).
+
+    ``norm = (gain, eps)``: ``x`` is first ``rms_norm(x, gain, eps)``; ``residual``: returns
+    ``residual + (x @ wt + bias)``. Backends that fuse the glue do both inside the sparse
+    kernel; everywhere else they run here as the torch ops they stand for."""
+    if (
+        (norm is not None or residual is not None)
+        and not isinstance(wt, QuantWeight)
+        and fuses_glue(sparse)
+        and (bias is None or residual is None)
+    ):
+        fn, _ = load_backend(sparse.backend)
+        scale = sparse.scales.get(site) if sparse.scales else None
+        y = fn(x, wt, sparse.thresholds[proj], splits, scale, norm=norm, residual=residual)
+        return y if bias is None else y + bias
+    if norm is not None:
+        x = reference.rms_norm(x, *norm)
+    y = _project(x, wt, bias, sparse, proj, splits, site)
+    return y if residual is None else residual + y
+
+
+def _project(
+    x: Tensor,
+    wt: Tensor,
+    bias: Tensor | None,
+    sparse: SparseCall | None,
+    proj: slice,
+    splits: tuple[int, ...],
+    site: str,
+) -> Tensor:
     if isinstance(wt, QuantWeight):
         fn = _quant_kernel(x, wt, sparse)
         if fn is not None:
@@ -139,9 +212,23 @@ def project(
     return y if bias is None else y + bias
 
 
-def project_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall | None, act: str) -> Tensor:
-    """``act(gate) * up``, the input of the down projection (site mlp-mid)."""
+def project_gate_up(
+    x: Tensor,
+    wt_gate_up: Tensor,
+    sparse: SparseCall | None,
+    act: str,
+    norm: tuple[Tensor, float] | None = None,
+) -> Tensor:
+    """``act(gate) * up``, the input of the down projection (site mlp-mid); with ``norm``
+    of ``rms_norm(x, *norm)`` (fused into the kernel where the backend does that)."""
     ffn = wt_gate_up.shape[1] // 2
+    if norm is not None:
+        cats = sparse is not None and sparse.scales and "mlp_cats" in sparse.scales
+        if not isinstance(wt_gate_up, QuantWeight) and not cats and fuses_glue(sparse):
+            _, fn = load_backend(sparse.backend)
+            scale = sparse.scales.get("mlp_in") if sparse.scales else None
+            return fn(x, wt_gate_up, sparse.thresholds[4:6], act, scale, norm=norm)
+        x = reference.rms_norm(x, *norm)
     if sparse is not None and sparse.scales and "mlp_cats" in sparse.scales:
         if isinstance(wt_gate_up, QuantWeight):
             wt_gate_up = wt_gate_up.dequantize(x.dtype)

@@ -77,3 +77,49 @@ def apply_act(x: Tensor, act: str) -> Tensor:
     if act == "gelu":
         return torch.nn.functional.gelu(x, approximate="tanh")
     raise ValueError(f"unknown activation {act!r}: expected silu, relu, relu2 or gelu")
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as the model computes it: normalised in fp32, cast back to ``x``'s dtype
+    before the gain (in bf16 the order of these two steps changes the result)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def decode_attention(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    input_pos: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    window: int | None = None,
+) -> Tensor:
+    """One decode step's attention as the model's torch ops do it (``decoder.Attention``):
+    RoPE on q and k (rotate-half), the new key and value written into the cache at
+    ``input_pos``, SDPA over the positions up to it (and inside the window)."""
+    b, t, _ = qkv.shape
+    d = k_cache.shape[-1]
+    q, k, v = qkv.split((n_heads * d, n_kv_heads * d, n_kv_heads * d), dim=-1)
+    q = q.view(b, t, n_heads, d).transpose(1, 2)
+    k = k.view(b, t, n_kv_heads, d).transpose(1, 2)
+    v = v.view(b, t, n_kv_heads, d).transpose(1, 2)
+
+    def rope(x: Tensor) -> Tensor:
+        rot = torch.cat((-x[..., d // 2 :], x[..., : d // 2]), dim=-1)
+        return x * cos + rot * sin
+
+    q, k = rope(q), rope(k)
+    k_cache.index_copy_(2, input_pos, k)
+    v_cache.index_copy_(2, input_pos, v)
+    k_pos = torch.arange(k_cache.shape[2], device=qkv.device)
+    mask = k_pos[None, :] <= input_pos[:, None]
+    if window is not None:
+        mask = mask & (k_pos[None, :] > input_pos[:, None] - window)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=mask, enable_gqa=n_heads != n_kv_heads
+    )
+    return out.transpose(1, 2).reshape(b, t, n_heads * d)

@@ -11,31 +11,54 @@ import torch
 from torch import Tensor
 
 from teal.errors import TealError
-from teal.kernels import triton_gemv, triton_quant
-from teal.kernels.dispatch import register_backend, register_quant_backend
+from teal.kernels import triton_attention, triton_gemv, triton_quant
+from teal.kernels.dispatch import (
+    register_backend,
+    register_decode_attention,
+    register_quant_backend,
+)
 
 MAX_ROWS = triton_gemv.MAX_BATCH
 
 
 @torch.library.custom_op("teal::sparse_gemv_fused", mutates_args=())
 def _fused(
-    x: Tensor, wt: Tensor, thresholds: Tensor, splits: list[int], scale: Tensor | None
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    splits: list[int],
+    scale: Tensor | None,
+    norm_w: Tensor | None,
+    eps: float,
+    residual: Tensor | None,
 ) -> Tensor:
-    return triton_gemv.sparse_gemv_fused(x, wt, thresholds, tuple(splits), scale)
+    norm = None if norm_w is None else (norm_w, eps)
+    return triton_gemv.sparse_gemv_fused(
+        x, wt, thresholds, tuple(splits), scale, norm=norm, residual=residual
+    )
 
 
 @_fused.register_fake
-def _(x, wt, thresholds, splits, scale):  # noqa: ANN001, ANN202
+def _(x, wt, thresholds, splits, scale, norm_w, eps, residual):  # noqa: ANN001, ANN202
     return x.new_empty(x.shape[0], wt.shape[1])
 
 
 @torch.library.custom_op("teal::sparse_gate_up_act", mutates_args=())
-def _gate_up(x: Tensor, wt: Tensor, thresholds: Tensor, act: str, scale: Tensor | None) -> Tensor:
-    return triton_gemv.sparse_gate_up_act(x, wt, thresholds, act, scale)
+def _gate_up(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    act: str,
+    scale: Tensor | None,
+    norm_w: Tensor | None,
+    eps: float,
+) -> Tensor:
+    norm = None if norm_w is None else (norm_w, eps)
+    return triton_gemv.sparse_gate_up_act(x, wt, thresholds, act, scale, norm=norm)
 
 
 @_gate_up.register_fake
-def _(x, wt, thresholds, act, scale):  # noqa: ANN001, ANN202
+def _(x, wt, thresholds, act, scale, norm_w, eps):  # noqa: ANN001, ANN202
     return x.new_empty(x.shape[0], wt.shape[1] // 2)
 
 
@@ -50,18 +73,36 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def project(
-    x: Tensor, wt: Tensor, thresholds: Tensor, splits: tuple[int, ...], scale: Tensor | None
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    splits: tuple[int, ...],
+    scale: Tensor | None,
+    norm: tuple[Tensor, float] | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    y = _fused(_rows(x), wt, thresholds, list(splits), scale)
+    """``norm``: ``(gain, eps)`` of the RMSNorm in front (done in the kernel);
+    ``residual``: added to the output in the kernel's epilogue."""
+    nw, eps = norm if norm is not None else (None, 0.0)
+    res = None if residual is None else residual.reshape(-1, wt.shape[1])
+    y = _fused(_rows(x), wt, thresholds, list(splits), scale, nw, float(eps), res)
     return y.view(*x.shape[:-1], wt.shape[1])
 
 
-def gate_up(x: Tensor, wt: Tensor, thresholds: Tensor, act: str, scale: Tensor | None) -> Tensor:
-    y = _gate_up(_rows(x), wt, thresholds, act, scale)
+def gate_up(
+    x: Tensor,
+    wt: Tensor,
+    thresholds: Tensor,
+    act: str,
+    scale: Tensor | None,
+    norm: tuple[Tensor, float] | None = None,
+) -> Tensor:
+    nw, eps = norm if norm is not None else (None, 0.0)
+    y = _gate_up(_rows(x), wt, thresholds, act, scale, nw, float(eps))
     return y.view(*x.shape[:-1], wt.shape[1] // 2)
 
 
-register_backend("triton", project, gate_up)
+register_backend("triton", project, gate_up, fuses_glue=True)
 
 
 @torch.library.custom_op("teal::quant_gemv", mutates_args=())
@@ -110,3 +151,44 @@ def quant_project(
 
 
 register_quant_backend("triton", quant_project)
+
+
+@torch.library.custom_op("teal::decode_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_attention(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    input_pos: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    window: int,
+) -> Tensor:
+    return triton_attention.decode_attention(
+        qkv, cos, sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window or None
+    )
+
+
+@_decode_attention.register_fake
+def _(qkv, cos, sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window):  # noqa: ANN001, ANN202
+    return qkv.new_empty(qkv.shape[0], 1, n_heads * k_cache.shape[-1])
+
+
+def decode_attention(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    input_pos: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    window: int | None,
+) -> Tensor:
+    return _decode_attention(
+        qkv, cos, sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, int(window or 0)
+    )
+
+
+register_decode_attention("triton", decode_attention)

@@ -30,6 +30,11 @@ channel is a whole row never read. One launch does everything:
    to zero, so concurrent launches of these kernels on different streams of the same
    device are not supported (decoding uses one stream).
 
+The block's glue can ride along (``norm=``, ``residual=``): with ``norm`` every program
+normalises x itself (``_scores_norm``: the sum of squares over all of K, a few KB from
+L2, instead of a separate RMSNorm kernel); with ``residual`` the epilogue adds the
+residual stream. That removes three kernels per block from a decode step.
+
 Batches of 2..64 rows use the union of the rows' kept channels (a row of ``wt`` is read
 once for all rows) and a ``tl.dot`` over the gathered rows; each row still uses its own
 masked values, so every row of the result equals the reference for that row.
@@ -119,6 +124,58 @@ def _scores(
     # Padding never passes the test, whatever the threshold.
     score = tl.where(m2, score, float("-inf"))
     return xv, score, k
+
+
+@triton.jit
+def _scores_norm(
+    x_ptr,
+    stride_xb,
+    stride_xk,
+    s_ptr,
+    nw_ptr,
+    eps,
+    k_lo,
+    k_len,
+    B,
+    K,
+    BB: tl.constexpr,
+    KC: tl.constexpr,
+    NB: tl.constexpr,
+    NSTEPS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """``_scores`` of ``rms_norm(x) * w`` instead of ``x``: the RMSNorm in front of q|k|v
+    and gate|up, done by every program of the launch (the sum of squares over all ``K``,
+    ``NSTEPS`` tiles of ``NB``: a few KB from L2) instead of by a kernel of its own.
+    Rounded as ``reference.rms_norm``: ``x * rsqrt(mean(x^2) + eps)`` in fp32, to x's
+    dtype, times the gain in x's dtype."""
+    b = tl.arange(0, BB)
+    bmask = b < B
+    ss = tl.zeros((BB,), dtype=tl.float32)
+    for j in range(NSTEPS):
+        o = j * NB + tl.arange(0, NB)
+        m = bmask[:, None] & (o < K)[None, :]
+        v = tl.load(x_ptr + b[:, None] * stride_xb + o[None, :] * stride_xk, mask=m, other=0.0)
+        v = v.to(tl.float32)
+        ss += tl.sum(v * v, axis=1)
+    r = tl.math.rsqrt(ss / K + eps)
+    offs = tl.arange(0, KC)
+    kmask = offs < k_len
+    k = k_lo + offs
+    m2 = bmask[:, None] & kmask[None, :]
+    xv = tl.load(x_ptr + b[:, None] * stride_xb + k[None, :] * stride_xk, mask=m2, other=0.0)
+    xn = _round(xv.to(tl.float32) * r[:, None], xv.dtype, INTERPRET)
+    g = tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    xo = _round(xn * g[None, :], xv.dtype, INTERPRET)
+    score = tl.abs(xo)
+    if HAS_SCALE:
+        s = _round(tl.load(s_ptr + k, mask=kmask, other=0.0).to(tl.float32), xv.dtype, INTERPRET)
+        score = _round(score * s[None, :], xv.dtype, INTERPRET)
+    score = tl.where(m2, score, float("-inf"))
+    # xo is exact in x's dtype (rounded above), so this cast is exact, also when the
+    # interpreter truncates.
+    return xo.to(xv.dtype), score, k
 
 
 @triton.jit
@@ -488,6 +545,10 @@ def _sparse_gemv_kernel(
     y_ptr,
     stride_yb,
     qs_ptr,
+    nw_ptr,
+    eps,
+    res_ptr,
+    stride_rb,
     B,
     K,
     N_PART,
@@ -515,6 +576,10 @@ def _sparse_gemv_kernel(
     EVEN_N: tl.constexpr = False,
     OFF32: tl.constexpr = False,
     PAIR_WALK: tl.constexpr = False,
+    NORM: tl.constexpr = False,
+    NB: tl.constexpr = 16,
+    NSTEPS: tl.constexpr = 1,
+    RES: tl.constexpr = False,
 ):
     """Grid ``(output blocks, split_k)``.
 
@@ -539,9 +604,15 @@ def _sparse_gemv_kernel(
         t1 = _round(tl.load(t_ptr + 1).to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
         slot0 = pid_k
         slot1 = SPLIT_K + pid_k
-        xv, score, k = _scores(
-            x_ptr, stride_xb, stride_xk, s_ptr, k_lo, k_len, B, BB, KC, HAS_SCALE, INTERPRET
-        )
+        if NORM:
+            xv, score, k = _scores_norm(
+                x_ptr, stride_xb, stride_xk, s_ptr, nw_ptr, eps, k_lo, k_len, B, K, BB, KC,
+                NB, NSTEPS, HAS_SCALE, INTERPRET,
+            )  # fmt: skip
+        else:
+            xv, score, k = _scores(
+                x_ptr, stride_xb, stride_xk, s_ptr, k_lo, k_len, B, BB, KC, HAS_SCALE, INTERPRET
+            )
         # One load of x serves both lists (gate and up may have different thresholds).
         cnt0 = _compact(
             xv, score, k, t0, B, idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, BB, KC
@@ -576,9 +647,15 @@ def _sparse_gemv_kernel(
         # Compared in x's dtype, as torch compares a half tensor with a 0-dim fp32 tensor.
         t = _round(tl.load(t_ptr + seg).to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
         slot = seg * SPLIT_K + pid_k
-        xv, score, k = _scores(
-            x_ptr, stride_xb, stride_xk, s_ptr, k_lo, k_len, B, BB, KC, HAS_SCALE, INTERPRET
-        )
+        if NORM:
+            xv, score, k = _scores_norm(
+                x_ptr, stride_xb, stride_xk, s_ptr, nw_ptr, eps, k_lo, k_len, B, K, BB, KC,
+                NB, NSTEPS, HAS_SCALE, INTERPRET,
+            )  # fmt: skip
+        else:
+            xv, score, k = _scores(
+                x_ptr, stride_xb, stride_xk, s_ptr, k_lo, k_len, B, BB, KC, HAS_SCALE, INTERPRET
+            )
         cnt = _compact(xv, score, k, t, B, idx_ptr + slot * KC, val_ptr + slot * BB * KC, BB, KC)
         tl.debug_barrier()
         acc = _walk(
@@ -636,12 +713,12 @@ def _sparse_gemv_kernel(
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
             _epilogue(
                 y_ptr, stride_yb, rb, rmask, offs_n, cols, cols2, nmask, acc, acc2, qs_ptr,
-                PAIR, ACT, HAS_QS, INTERPRET,
+                PAIR, ACT, HAS_QS, INTERPRET, res_ptr, stride_rb, RES,
             )  # fmt: skip
     else:
         _epilogue(
             y_ptr, stride_yb, rb, rmask, offs_n, cols, cols2, nmask, acc, acc2, qs_ptr,
-            PAIR, ACT, HAS_QS, INTERPRET,
+            PAIR, ACT, HAS_QS, INTERPRET, res_ptr, stride_rb, RES,
         )  # fmt: skip
 
 
@@ -662,6 +739,9 @@ def _epilogue(
     ACT: tl.constexpr,
     HAS_QS: tl.constexpr,
     INTERPRET: tl.constexpr,
+    res_ptr,
+    stride_rb,
+    RES: tl.constexpr,
 ):
     ty = y_ptr.dtype.element_ty
     omask = rmask[:, None] & nmask[None, :]
@@ -680,6 +760,11 @@ def _epilogue(
         tl.store(y_ptr + rb[:, None] * stride_yb + offs_n[None, :], h.to(ty), mask=omask)
     else:
         h = _round(acc, ty, INTERPRET)
+        if RES:
+            # The residual add after o and down (``h + project(x)``): the projection's
+            # output rounded first, then the sum rounded, as two torch ops would.
+            r = tl.load(res_ptr + rb[:, None] * stride_rb + cols[None, :], mask=omask, other=0.0)
+            h = _round(h + r.to(tl.float32), ty, INTERPRET)
         tl.store(y_ptr + rb[:, None] * stride_yb + cols[None, :], h.to(ty), mask=omask)
 
 
@@ -890,6 +975,8 @@ def _launch(
     act: str,
     config: GemvConfig | None = None,
     qscale: Tensor | None = None,
+    norm: tuple[Tensor, float] | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     if wt.dim() != 2:
         raise ValueError(f"wt must be [K, N], got shape {tuple(wt.shape)}")
@@ -931,6 +1018,25 @@ def _launch(
         if scale.numel() != k:
             raise ValueError(f"scale must have {k} entries (one per input channel)")
         scale = scale.reshape(-1).contiguous()
+    if norm is not None:
+        nw, eps = norm
+        if nw.shape != (k,) or nw.dtype != x.dtype or nw.device != dev:
+            raise ValueError(
+                f"the norm's gain must be [{k}] in x's dtype on x's device, got"
+                f" {tuple(nw.shape)} {nw.dtype} on {nw.device}"
+            )
+        nw = nw.contiguous()
+    n_y = splits[0] if pair else n
+    if residual is not None:
+        if pair:
+            raise ValueError("the residual add is for plain projections (o, down), not gate|up")
+        if residual.numel() == b * n_y:
+            residual = residual.reshape(b, n_y)
+        if residual.shape != (b, n_y) or residual.dtype != x.dtype or residual.stride(1) != 1:
+            raise ValueError(
+                f"residual must be [{b}, {n_y}] with contiguous rows in x's dtype, got"
+                f" {tuple(residual.shape)} {residual.dtype}"
+            )
     key_dtype = x.dtype if qscale is None else "int8"
     cfg = config or get_config(k, n, key_dtype, b, pair, dev)
 
@@ -952,6 +1058,8 @@ def _launch(
         slots = len(splits)
 
     peel = cfg.peel and not use_dot and not cfg.prefetch
+    # Tile of the fused RMSNorm's sum of squares: the whole row at batch 1.
+    nb = max(16, min(triton.next_power_of_2(k), 4096 // bb))
     y = torch.empty((b, n_out), dtype=x.dtype, device=dev)
     # The peeled walk reads the next step's indices unmasked, up to ROWS past a slot.
     pad = rows if peel else 0
@@ -978,6 +1086,10 @@ def _launch(
         y,
         y.stride(0),
         qscale if qscale is not None else t,
+        nw if norm is not None else t,
+        float(norm[1]) if norm is not None else 0.0,
+        residual if residual is not None else y,
+        residual.stride(0) if residual is not None else 0,
         b,
         k,
         n,
@@ -1005,6 +1117,10 @@ def _launch(
         EVEN_N=all(w % block_n == 0 for w in splits),
         OFF32=k * wt.stride(0) < 2**31,
         PAIR_WALK=pair and peel,
+        NORM=norm is not None,
+        NB=nb,
+        NSTEPS=triton.cdiv(k, nb),
+        RES=residual is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -1037,12 +1153,20 @@ def sparse_gemv_fused(
     splits: tuple[int, ...],
     scale: Tensor | None = None,
     config: GemvConfig | None = None,
+    norm: tuple[Tensor, float] | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """One input, up to four weights concatenated along N (q|k|v, gate|up), one launch.
 
     Segment j (``splits[j]`` columns) sees the input sparsified with ``thresholds[j]``.
+    ``norm = (gain, eps)``: the input is ``rms_norm(x, gain, eps)`` (computed in the
+    launch, ``reference.rms_norm``'s rounding). ``residual``: returns ``residual + y``
+    (``[..., N]``, the sum rounded as two torch ops would), the block's residual add.
     """
-    return _launch(x, wt, thresholds, tuple(int(s) for s in splits), scale, False, "none", config)
+    return _launch(
+        x, wt, thresholds, tuple(int(s) for s in splits), scale, False, "none", config,
+        norm=norm, residual=residual,
+    )  # fmt: skip
 
 
 def sparse_gate_up_act(
@@ -1052,16 +1176,19 @@ def sparse_gate_up_act(
     act: str = "silu",
     scale: Tensor | None = None,
     config: GemvConfig | None = None,
+    norm: tuple[Tensor, float] | None = None,
 ) -> Tensor:
     """``act(x_g @ gate) * (x_u @ up)`` with ``wt_gate_up = [gate | up]`` (``[K, 2F]``).
 
     ``thresholds[0]`` sparsifies the gate input, ``thresholds[1]`` the up input. The
     activation runs in the epilogue: returns the down projection's input ``[..., F]``.
+    ``norm = (gain, eps)``: the input is ``rms_norm(x, gain, eps)``, as in
+    :func:`sparse_gemv_fused`.
     """
     f = wt_gate_up.shape[1] // 2
     if wt_gate_up.shape[1] != 2 * f:
         raise ValueError(f"wt_gate_up must be [K, 2F], got {tuple(wt_gate_up.shape)}")
-    return _launch(x, wt_gate_up, thresholds, (f, f), scale, True, act, config)
+    return _launch(x, wt_gate_up, thresholds, (f, f), scale, True, act, config, norm=norm)
 
 
 # --------------------------------------------------------------------------- tuning

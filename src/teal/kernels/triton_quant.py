@@ -414,20 +414,20 @@ def _q4_kernel(
             tl.atomic_xchg(lock_ptr + pid_n, 0)
             _epilogue(
                 y_ptr, stride_yb, rb, rmask, out_lo, c_lo, u_lo, nmask, a_lo, b_lo, t_ptr,
-                PAIR, ACT, False, INTERPRET,
+                PAIR, ACT, False, INTERPRET, y_ptr, 0, False,
             )  # fmt: skip
             _epilogue(
                 y_ptr, stride_yb, rb, rmask, out_hi, c_hi, u_hi, nmask, a_hi, b_hi, t_ptr,
-                PAIR, ACT, False, INTERPRET,
+                PAIR, ACT, False, INTERPRET, y_ptr, 0, False,
             )  # fmt: skip
     else:
         _epilogue(
             y_ptr, stride_yb, rb, rmask, out_lo, c_lo, u_lo, nmask, a_lo, b_lo, t_ptr,
-            PAIR, ACT, False, INTERPRET,
+            PAIR, ACT, False, INTERPRET, y_ptr, 0, False,
         )  # fmt: skip
         _epilogue(
             y_ptr, stride_yb, rb, rmask, out_hi, c_hi, u_hi, nmask, a_hi, b_hi, t_ptr,
-            PAIR, ACT, False, INTERPRET,
+            PAIR, ACT, False, INTERPRET, y_ptr, 0, False,
         )  # fmt: skip
 
 

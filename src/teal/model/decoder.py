@@ -22,7 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from teal.kernels.dispatch import SparseCall, decode_glue, lm_head, project, project_gate_up
+from teal.kernels import reference
+from teal.kernels.dispatch import (
+    SparseCall,
+    decode_glue,
+    fuses_glue,
+    lm_head,
+    load_decode_attention,
+    project,
+    project_gate_up,
+)
 from teal.model.config import ModelConfig, llama3_inv_freq_scale
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -66,11 +75,7 @@ class RMSNorm(_Tracked):
     def forward(self, x: Tensor, glue=None) -> Tensor:  # noqa: ANN001 (a DecodeGlue)
         if glue is not None:
             return glue.rms_norm(x, self.weight, self.eps)
-        # Normalise in fp32 and cast back before the gain, as the reference does: in
-        # bf16 the order of these two steps changes the result.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return reference.rms_norm(x, self.weight, self.eps)
 
 
 class KVCache(_Tracked):
@@ -111,6 +116,13 @@ class Attention(_Tracked):
         self.bqkv = nn.Parameter(torch.zeros(sum(self.splits))) if cfg.qkv_bias else None
         self.wo = nn.Parameter(torch.empty(cfg.n_heads * hd, cfg.dim))
         self.kv_cache: KVCache | None = None
+        # Read in the compiled decode step instead of ``cfg.sliding_windows[self.layer]``:
+        # torch.compile treats int attributes as constants, so reading the layer index
+        # would compile the shared block once per layer.
+        self.window = cfg.sliding_windows[layer]
+        # One-token steps: RoPE, cache write and attention in one kernel (set by
+        # ``Transformer.set_decode_attention``; None: the torch ops below).
+        self.decode_kernel: Callable[..., Tensor] | None = None
 
     def forward(
         self,
@@ -121,17 +133,33 @@ class Attention(_Tracked):
         sparse: SparseCall | None,
         observer: Observer | None,
         glue=None,  # noqa: ANN001 (a cpu.DecodeGlue: native one-token attention)
+        norm: tuple[Tensor, float] | None = None,
+        residual: Tensor | None = None,
     ) -> Tensor:
+        """``norm``, ``residual``: see ``dispatch.project`` (the block's glue, for backends
+        that fuse it into the kernels)."""
         cfg = self.cfg
         bsz, seqlen, _ = x.shape
         if observer is not None:
             observer(self.layer, "attn_in", x, sparse.pos_mask if sparse else None)
-        qkv = project(x, self.wqkv, self.bqkv, sparse, slice(0, 3), self.splits, "attn_in")
+        qkv = project(
+            x, self.wqkv, self.bqkv, sparse, slice(0, 3), self.splits, "attn_in", norm=norm
+        )
         if glue is not None and self.kv_cache is not None:
             cache, window = self.kv_cache, cfg.sliding_windows[self.layer]
             out = glue.attention(qkv, *rope, cache.k, cache.v, window, cfg.n_heads,
                                  cfg.n_kv_heads)  # fmt: skip
-            return self._out(out, sparse, observer)
+            return self._out(out, sparse, observer, residual)
+        if (
+            self.decode_kernel is not None
+            and seqlen == 1
+            and self.kv_cache is not None
+            and input_pos is not None
+        ):
+            cache = self.kv_cache
+            out = self.decode_kernel(qkv, *rope, cache.k, cache.v, input_pos, cfg.n_heads,
+                                     cfg.n_kv_heads, self.window)  # fmt: skip
+            return self._out(out, sparse, observer, residual)
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(bsz, seqlen, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(bsz, seqlen, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -144,12 +172,21 @@ class Attention(_Tracked):
             q, k, v, attn_mask=mask, enable_gqa=cfg.n_heads != cfg.n_kv_heads
         )
         out = out.transpose(1, 2).reshape(bsz, seqlen, cfg.n_heads * cfg.head_dim)
-        return self._out(out, sparse, observer)
+        return self._out(out, sparse, observer, residual)
 
-    def _out(self, out: Tensor, sparse: SparseCall | None, observer: Observer | None) -> Tensor:
+    def _out(
+        self,
+        out: Tensor,
+        sparse: SparseCall | None,
+        observer: Observer | None,
+        residual: Tensor | None = None,
+    ) -> Tensor:
         if observer is not None:
             observer(self.layer, "attn_out", out, sparse.pos_mask if sparse else None)
-        return project(out, self.wo, None, sparse, slice(3, 4), (self.cfg.dim,), "attn_out")
+        return project(
+            out, self.wo, None, sparse, slice(3, 4), (self.cfg.dim,), "attn_out",
+            residual=residual,
+        )  # fmt: skip
 
 
 class MLP(_Tracked):
@@ -160,15 +197,24 @@ class MLP(_Tracked):
         self.w_gate_up = nn.Parameter(torch.empty(cfg.dim, 2 * cfg.ffn_dim))  # [gate | up]
         self.w_down = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))
 
-    def forward(self, x: Tensor, sparse: SparseCall | None, observer: Observer | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        sparse: SparseCall | None,
+        observer: Observer | None,
+        norm: tuple[Tensor, float] | None = None,
+        residual: Tensor | None = None,
+    ) -> Tensor:
         pos_mask = sparse.pos_mask if sparse else None
         if observer is not None:
             observer(self.layer, "mlp_in", x, pos_mask)
-        mid = project_gate_up(x, self.w_gate_up, sparse, self.act)
+        mid = project_gate_up(x, self.w_gate_up, sparse, self.act, norm=norm)
         if observer is not None:
             observer(self.layer, "mlp_mid", mid, pos_mask)
         dim = self.w_down.shape[1]
-        return project(mid, self.w_down, None, sparse, slice(6, 7), (dim,), "mlp_mid")
+        return project(
+            mid, self.w_down, None, sparse, slice(6, 7), (dim,), "mlp_mid", residual=residual
+        )
 
 
 class Block(_Tracked):
@@ -180,6 +226,14 @@ class Block(_Tracked):
         self.mlp = MLP(cfg, layer)
 
     def forward(self, h, rope, mask, input_pos, sparse, observer, glue=None) -> Tensor:
+        if glue is None and observer is None and fuses_glue(sparse):
+            # The sparse kernels take both norms and both residual adds (the same ops and
+            # roundings as below): three kernels fewer per block in a decode step.
+            an, fn = self.attention_norm, self.ffn_norm
+            h = self.attention(
+                h, rope, mask, input_pos, sparse, None, norm=(an.weight, an.eps), residual=h
+            )
+            return self.mlp(h, sparse, None, norm=(fn.weight, fn.eps), residual=h)
         x = self.attention_norm(h, glue)
         h = h + self.attention(x, rope, mask, input_pos, sparse, observer, glue)
         return h + self.mlp(self.ffn_norm(h, glue), sparse, observer)
@@ -276,6 +330,14 @@ class Transformer(nn.Module):
     def clear_sparsity(self) -> None:
         self.sparse_mode = "off"
         self.sparse_scales = None
+
+    def set_decode_attention(self, backend: str | None) -> None:
+        """``"triton"``: one-token steps with a KV cache run RoPE, the cache write and
+        attention as one kernel (``kernels/triton_attention.py``; the CUDA engine sets
+        this); ``None``: the torch ops (RoPE, ``index_copy_``, SDPA)."""
+        fn = None if backend is None else load_decode_attention(backend)
+        for block in self.layers:
+            block.attention.decode_kernel = fn
 
     def set_backend(self, backend: str) -> None:
         """Which implementation runs sparse decode steps: ``torch`` (reference),
