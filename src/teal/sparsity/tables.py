@@ -25,6 +25,9 @@ TABLES_VERSION = 1
 KINDS = {
     "greedy": ("greedy.levels", "greedy.error", "greedy.block_sparsity", "greedy.sensitivity"),
     "scores": ("wi.counts", "wi.bin_lo", "cats.counts", "cats.bin_lo"),
+    # NAME-seq: level corrections from thresholds calibrated under sparsity, per base
+    # method and grid level (``teal.sparsity.sequential``; needs greedy).
+    "seq": ("seq.delta", "seq.grid"),
     # auto: held-out perplexity loss of each candidate method at a grid of levels, in
     # both evaluation protocols (needs greedy).
     "select": ("select.nll", "select.grid"),
@@ -47,6 +50,8 @@ def kinds_for(methods) -> tuple[str, ...]:
             need.add("greedy")
         elif m == "auto":
             need.update(("greedy", "select"))
+        elif m.endswith("-seq"):
+            need.update(("greedy", "seq"))
         elif m in ("weight-informed", "cats"):
             need.add("scores")
     return tuple(k for k in KINDS if k in need)
@@ -87,7 +92,8 @@ def add_tables(
     # Only what is missing is made (a file with greedy tables gains the select ones
     # without the greedy search running again).
     kinds = tuple(k for k in KINDS if k in kinds and not all(n in cal.tables for n in KINDS[k]))
-    if "select" in kinds and "greedy" not in kinds and "greedy.levels" not in cal.tables:
+    needs_greedy = "select" in kinds or "seq" in kinds
+    if needs_greedy and "greedy" not in kinds and "greedy.levels" not in cal.tables:
         kinds = ("greedy", *kinds)
     if "scores" in kinds:
         start = time.perf_counter()
@@ -113,6 +119,26 @@ def add_tables(
             greedy_delta=allocate.DELTA,
             seconds_greedy=round(time.perf_counter() - start, 1),
         )
+    if "seq" in kinds:
+        from teal.sparsity import sequential
+        from teal.sparsity.methods import SEQ_BASES, nominal_levels
+
+        start = time.perf_counter()
+        cal.metadata["tables"] = meta
+        lead = bos is not None
+        span = min(sequential.SEQ_TOKENS, model.config.max_seq_len) - lead
+        span = min(span, stats_tokens.numel())
+        ids = allocate.held_out_windows(stats_tokens[:span], span + lead, bos)[:1]
+        cal.tables["seq.delta"] = torch.stack(
+            [
+                sequential.correction_table(
+                    model, ids, lambda p, b=base: nominal_levels(cal, b, p), progress=progress
+                )
+                for base in SEQ_BASES
+            ]
+        )
+        cal.tables["seq.grid"] = torch.tensor(sequential.SEQ_GRID, dtype=torch.float32)
+        meta.update(seq_tokens=int(ids.numel()), seconds_seq=round(time.perf_counter() - start, 1))
     if "select" in kinds:
         start = time.perf_counter()
         cal.metadata["tables"] = meta  # setting_for checks the tables' identity
