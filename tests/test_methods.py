@@ -368,3 +368,36 @@ def test_eval_runs_auto_per_protocol(setup, monkeypatch) -> None:
     assert ppl[("auto", "decode-like")] == ppl[("uniform", "decode-like")]
     assert ppl[("auto", "full")] == ppl[("greedy-layers", "full")]
     assert ppl[("uniform", "full")] != ppl[("greedy-layers", "full")]
+
+
+def test_greedy_dense_first_leaves_the_first_position_alone(setup) -> None:
+    """With ``dense_first`` the search never sparsifies the first position of a window
+    (the attention sink a dense prefill always computes): a one-position window has no
+    error, and the search is still no worse than uniform under its own measure."""
+    model, cal, toks = setup
+    ids = allocate.held_out_windows(toks[2000:2512], 128, None)
+    inputs = allocate.capture_inputs(model, ids)
+    thr = cal.stats.thresholds(0.5)[0]
+    first = allocate.BlockInputs(
+        *(t[:, :1] for t in (inputs[0].attn_x, inputs[0].mlp_x, inputs[0].block_in,
+                             inputs[0].block_out))
+    )  # fmt: skip
+    assert allocate.block_error(model, 0, first, thr, dense_first=True) == 0
+    assert allocate.block_error(model, 0, first, thr, dense_first=False) > 0
+    sites = ("attn_in",) * 3 + ("attn_out", "mlp_in", "mlp_in", "mlp_mid")
+    for layer in range(model.config.n_layers):
+        levels, _ = allocate.greedy_layer(
+            model,
+            layer,
+            inputs[layer],
+            lambda j, lv, layer=layer: cal.stats.site_quantiles(layer, sites[j], lv),
+            dense_first=True,
+        )
+        for s in (0.25, 0.5, 0.75):
+            table = torch.zeros(model.config.n_layers, 7)
+            table[layer] = levels[round(s / allocate.DELTA)]
+            greedy_thr = cal.stats.thresholds(table)[layer]
+            uniform_thr = cal.stats.thresholds(s)[layer]
+            e_g = allocate.block_error(model, layer, inputs[layer], greedy_thr, dense_first=True)
+            e_u = allocate.block_error(model, layer, inputs[layer], uniform_thr, dense_first=True)
+            assert e_g <= e_u * (1 + 1e-6), (layer, s, e_g, e_u)

@@ -19,7 +19,7 @@ from teal.sparsity.scores import collect_score_stats
 from teal.sparsity.stats import ActivationStats
 
 TABLES_METHOD = "greedy-blockwise+wi+cats"
-TABLES_VERSION = 1
+TABLES_VERSION = 2  # 2: greedy search with the first position of each window dense
 # Two kinds, made apart so a command pays only for what its methods read: the greedy
 # search (greedy, greedy-layers) and the score histograms (weight-informed, cats).
 KINDS = {
@@ -40,7 +40,7 @@ SELECT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # difference of 0.03 at about two standard errors.  More would cost `teal run` its
 # 10 minutes on a 2-core CPU (the selection is 2 x 9 levels x 1.5 passes).
 SELECT_TOKENS = 1024
-NAMES = KINDS["greedy"] + KINDS["scores"]
+NAMES = tuple(n for names in KINDS.values() for n in names)
 
 
 def kinds_for(methods) -> tuple[str, ...]:
@@ -117,6 +117,7 @@ def add_tables(
             held_out_tokens=int(ids.numel()),
             held_out_disjoint=held_out_is_disjoint,
             greedy_delta=allocate.DELTA,
+            greedy_dense_first=allocate.DENSE_FIRST,
             seconds_greedy=round(time.perf_counter() - start, 1),
         )
     if "seq" in kinds:
