@@ -250,7 +250,7 @@ def test_add_tables_makes_only_what_is_missing(setup, monkeypatch) -> None:
     model, cal, toks = setup
     copy = Calibration(cal.stats, dict(cal.metadata), dict(cal.tables))
     copy.metadata["tables"] = dict(cal.metadata["tables"])
-    for name in ("select.nll", "select.grid"):
+    for name in ("select.nll", "select.grid", "seq.delta", "seq.grid"):
         copy.tables.pop(name)
 
     def no_search(*args, **kwargs):
@@ -258,6 +258,8 @@ def test_add_tables_makes_only_what_is_missing(setup, monkeypatch) -> None:
 
     monkeypatch.setattr(allocate, "greedy_tables", no_search)
     add_tables(model, copy, toks[:2000], toks[2000:], kinds=("greedy", "select"), progress=False)
+    # The selection measures greedy-layers-seq, so the seq tables are made with it.
+    assert torch.allclose(copy.tables["seq.delta"], cal.tables["seq.delta"], atol=1e-6)
     assert torch.allclose(copy.tables["select.nll"], cal.tables["select.nll"], atol=1e-5)
 
 
@@ -333,10 +335,13 @@ def test_corrected_levels_interpolate_the_table() -> None:
     assert up[0, 4] == pytest.approx(0.98)  # raised no further than max_level
 
 
-def test_select_by_mode_reads_only_that_protocol() -> None:
+def test_select_by_mode_reads_only_that_protocol(monkeypatch) -> None:
     from types import SimpleNamespace
 
+    from teal.sparsity import methods
     from teal.sparsity.methods import select_method
+
+    monkeypatch.setattr(methods, "SELECT_CANDIDATES", ("uniform", "greedy-layers"))
 
     grid = torch.tensor([0.2, 0.4])
     # [protocol (decode-like, full)][candidates: uniform, greedy-layers][level]

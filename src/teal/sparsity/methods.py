@@ -54,9 +54,10 @@ METHODS = (
 SEQ_BASES = ("uniform", "greedy-layers")
 # What ``auto`` chooses from, the fallback first.  Plain ``greedy`` is not a candidate:
 # greedy-layers includes it (equal rows in every layer), each extra candidate is one
-# more chance to beat uniform on held-out noise alone, and each costs a third of the
-# selection's passes.
-SELECT_CANDIDATES = ("uniform", "greedy-layers")
+# more chance to beat uniform on held-out noise alone, and each costs a share of the
+# selection's passes.  ``greedy-layers-seq`` is one: its thresholds calibrated under
+# sparsity help most at high sparsity and not below about 40 % (README).
+SELECT_CANDIDATES = ("uniform", "greedy-layers", "greedy-layers-seq")
 # The method the commands use unless told otherwise.  ``auto`` rather than plain
 # greedy-layers: greedy-layers is better on most levels, but not at every level in
 # every protocol (README, quality table), and ``auto`` falls back to uniform where

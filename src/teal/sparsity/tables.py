@@ -49,7 +49,11 @@ def kinds_for(methods) -> tuple[str, ...]:
         if m in ("greedy", "greedy-layers"):
             need.add("greedy")
         elif m == "auto":
+            from teal.sparsity.methods import SELECT_CANDIDATES
+
             need.update(("greedy", "select"))
+            if any(c.endswith("-seq") for c in SELECT_CANDIDATES):
+                need.add("seq")
         elif m.endswith("-seq"):
             need.update(("greedy", "seq"))
         elif m in ("weight-informed", "cats"):
@@ -92,6 +96,11 @@ def add_tables(
     # Only what is missing is made (a file with greedy tables gains the select ones
     # without the greedy search running again).
     kinds = tuple(k for k in KINDS if k in kinds and not all(n in cal.tables for n in KINDS[k]))
+    from teal.sparsity.methods import SELECT_CANDIDATES
+
+    seq_candidates = any(c.endswith("-seq") for c in SELECT_CANDIDATES)
+    if "select" in kinds and seq_candidates and "seq.delta" not in cal.tables:
+        kinds = (*kinds, "seq")  # the selection measures the -seq candidates
     needs_greedy = "select" in kinds or "seq" in kinds
     if needs_greedy and "greedy" not in kinds and "greedy.levels" not in cal.tables:
         kinds = ("greedy", *kinds)
@@ -152,6 +161,7 @@ def add_tables(
         cal.tables.pop("select.kl", None)  # the KL table of files made before
         meta.update(
             select_tokens=int(ids.numel()),
+            select_candidates=list(SELECT_CANDIDATES),
             select_apart_from_greedy=apart,
             seconds_select=round(time.perf_counter() - start, 1),
         )
