@@ -406,3 +406,18 @@ def test_greedy_dense_first_leaves_the_first_position_alone(setup) -> None:
             e_g = allocate.block_error(model, layer, inputs[layer], greedy_thr, dense_first=True)
             e_u = allocate.block_error(model, layer, inputs[layer], uniform_thr, dense_first=True)
             assert e_g <= e_u * (1 + 1e-6), (layer, s, e_g, e_u)
+
+
+def test_remade_greedy_tables_remake_what_depends_on_them(setup) -> None:
+    """The seq and select tables are measured on the greedy tables: when those are made
+    again, the stale ones are replaced too."""
+    model, cal, toks = setup
+    copy = Calibration(cal.stats, dict(cal.metadata), dict(cal.tables))
+    copy.metadata["tables"] = dict(cal.metadata["tables"])
+    for name in ("greedy.levels", "greedy.error", "greedy.block_sparsity", "greedy.sensitivity"):
+        copy.tables.pop(name)
+    copy.tables["seq.delta"] = torch.zeros_like(cal.tables["seq.delta"])
+    copy.tables["select.nll"] = torch.zeros_like(cal.tables["select.nll"])
+    add_tables(model, copy, toks[:2000], toks[2000:], kinds=("greedy",), progress=False)
+    assert torch.allclose(copy.tables["seq.delta"], cal.tables["seq.delta"], atol=1e-6)
+    assert torch.allclose(copy.tables["select.nll"], cal.tables["select.nll"], atol=1e-5)

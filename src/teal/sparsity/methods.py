@@ -16,11 +16,13 @@ method tables stored in it (``teal.sparsity.tables``).
   under sparsity (each site's quantile taken on the activations it receives with its
   upstream already sparse; ``teal.sparsity.sequential``), so the sparsity applied is
   the sparsity asked for rather than 1-7 points more.
-* ``auto`` (the default): at each requested level, ``greedy-layers`` if it lost no more
-  perplexity than ``uniform`` on the held-out calibration tokens in *both* protocols
-  (decode-like and full), else ``uniform`` (``select.*`` tables,
+* ``auto`` (the default): at each requested level, the candidate
+  (``SELECT_CANDIDATES``) that lost least perplexity on the held-out calibration
+  tokens among those that lost no more than ``uniform``, in the protocol that measures
+  the sparse mode the setting runs in (decode: decode-like, all: full), or in *both*
+  when no mode is given; else ``uniform`` (``select.*`` tables,
   ``tables.method_nll``).  So on held-out calibration text ``auto`` is never worse
-  than uniform in either protocol.
+  than uniform in the protocol of its mode.
 
 The requested sparsity is always weight-weighted: the share of projection weights
 whose input is dropped.

@@ -38,7 +38,7 @@ SELECT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # decide the choice at low sparsity; on the default model the loss of one window of
 # HELD_OUT_WINDOW tokens spreads by about 0.02-0.04 nat, so four windows resolve a
 # difference of 0.03 at about two standard errors.  More would cost `teal run` its
-# 10 minutes on a 2-core CPU (the selection is 2 x 9 levels x 1.5 passes).
+# 10 minutes on a 2-core CPU (the selection is 3 candidates x 9 levels x 1.5 passes).
 SELECT_TOKENS = 1024
 NAMES = tuple(n for names in KINDS.values() for n in names)
 
@@ -101,6 +101,11 @@ def add_tables(
     seq_candidates = any(c.endswith("-seq") for c in SELECT_CANDIDATES)
     if "select" in kinds and seq_candidates and "seq.delta" not in cal.tables:
         kinds = (*kinds, "seq")  # the selection measures the -seq candidates
+    if "greedy" in kinds:  # tables made from older greedy tables are made again
+        kinds = (
+            *kinds,
+            *(k for k in ("seq", "select") if k not in kinds and KINDS[k][0] in cal.tables),
+        )
     needs_greedy = "select" in kinds or "seq" in kinds
     if needs_greedy and "greedy" not in kinds and "greedy.levels" not in cal.tables:
         kinds = ("greedy", *kinds)
