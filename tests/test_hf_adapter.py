@@ -206,7 +206,8 @@ def test_calibrate_api_writes_what_the_cli_writes(tmp_path, monkeypatch, capsys)
     assert torch.equal(api.stats.counts, from_cli.stats.counts)
     assert set(api.tables) == set(from_cli.tables) == {
         "greedy.levels", "greedy.error", "greedy.block_sparsity", "greedy.sensitivity",
-        "select.nll", "select.grid",  # the default method, auto, reads both kinds
+        "seq.delta", "seq.grid",  # greedy-layers-seq, one of auto's candidates
+        "select.nll", "select.grid",  # the default method, auto, reads all three kinds
     }  # fmt: skip
     for name, t in from_cli.tables.items():
         assert torch.equal(api.tables[name], t), name

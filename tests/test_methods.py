@@ -250,7 +250,7 @@ def test_add_tables_makes_only_what_is_missing(setup, monkeypatch) -> None:
     model, cal, toks = setup
     copy = Calibration(cal.stats, dict(cal.metadata), dict(cal.tables))
     copy.metadata["tables"] = dict(cal.metadata["tables"])
-    for name in ("select.nll", "select.grid"):
+    for name in ("select.nll", "select.grid", "seq.delta", "seq.grid"):
         copy.tables.pop(name)
 
     def no_search(*args, **kwargs):
@@ -258,4 +258,166 @@ def test_add_tables_makes_only_what_is_missing(setup, monkeypatch) -> None:
 
     monkeypatch.setattr(allocate, "greedy_tables", no_search)
     add_tables(model, copy, toks[:2000], toks[2000:], kinds=("greedy", "select"), progress=False)
+    # The selection measures greedy-layers-seq, so the seq tables are made with it.
+    assert torch.allclose(copy.tables["seq.delta"], cal.tables["seq.delta"], atol=1e-6)
+    assert torch.allclose(copy.tables["select.nll"], cal.tables["select.nll"], atol=1e-5)
+
+
+def _measured(model, thresholds, ids):
+    """SparsityMeter of one pass over ``ids`` with every position sparse."""
+    model.set_sparsity(thresholds, mode="all")
+    meter = SparsityMeter(model.config, thresholds)
+    model.observer = meter
+    try:
+        with torch.inference_mode():
+            model(ids)
+    finally:
+        model.observer = None
+        model.clear_sparsity()
+    return meter
+
+
+def test_sequential_thresholds_drop_what_is_asked_under_sparsity(setup) -> None:
+    """Thresholds calibrated under sparsity zero exactly the requested share of what
+    each projection receives when everything upstream is sparse too (dense-calibrated
+    ones overshoot); the model's setting is left as it was."""
+    from teal.sparsity.sequential import sequential_thresholds
+
+    model, cal, toks = setup
+    ids = toks[:256][None]
+    mixed = torch.tensor([[0.2, 0.5, 0.0, 0.6, 0.4, 0.4, 0.7], [0.5, 0.1, 0.3, 0.2, 0.6, 0.6, 0.5]])
+    for levels in (torch.full((2, 7), 0.5), mixed):
+        thr = sequential_thresholds(model, ids, levels)
+        assert model.sparse_mode == "off" and model.observer is None
+        got = _measured(model, thr, ids).per_projection()
+        assert torch.allclose(got, levels, atol=0.004), (got, levels)
+        assert bool((thr[levels == 0] == 0).all())
+    # The dense statistics of the same tokens miss by far more in the second layer.
+    from teal.sparsity.stats import collect_stats
+
+    dense = collect_stats(model, ids, seq_len=256, progress=False)
+    over = _measured(model, dense.thresholds(0.5), ids).per_projection()
+    assert float((over[1] - 0.5).abs().max()) > 0.02
+
+
+def test_seq_methods_hit_the_request_closer_than_dense_thresholds(setup) -> None:
+    """At the grid's levels, on the window the correction was measured on, the -seq
+    methods' measured sparsity is nearer the request than their base methods'."""
+    from teal.sparsity.sequential import SEQ_GRID
+
+    model, cal, toks = setup
+    ids = toks[:256][None]  # the sequential pass's window (max_seq_len 256, no BOS)
+    assert cal.tables["seq.delta"].shape == (2, len(SEQ_GRID), 2, 7)
+    for p in (0.5, 0.75):
+        for base in ("uniform", "greedy-layers"):
+            plain = _measured(model, setting_for(cal, base, p, model).thresholds, ids).weighted()
+            seq = setting_for(cal, base + "-seq", p, model)
+            assert seq.reachable and seq.method == base + "-seq"
+            got = _measured(model, seq.thresholds, ids).weighted()
+            assert abs(got - p) < abs(plain - p), (base, p, got, plain)
+            assert got == pytest.approx(p, abs=0.01), (base, p)
+
+
+def test_corrected_levels_interpolate_the_table() -> None:
+    from teal.sparsity.sequential import corrected
+
+    grid = (0.2, 0.4)
+    table = torch.stack([torch.full((1, 7), -0.02), torch.full((1, 7), -0.04)])
+    lv = torch.tensor([[0.2, 0.0, 0.3, 0.4, 0.97, 0.99, 0.1]])
+    at = corrected(lv, table, grid, 0.4, 0.98)
+    assert at[0, 0] == pytest.approx(0.16) and at[0, 2] == pytest.approx(0.26)
+    assert at[0, 1] == 0  # a dense projection stays dense
+    assert at[0, 5] == pytest.approx(0.95)  # above max_level: corrected, never raised
+    assert corrected(lv, table, grid, 0.1, 0.98)[0, 0] == pytest.approx(0.19)  # 0 at p=0
+    assert corrected(lv, table, grid, 0.3, 0.98)[0, 0] == pytest.approx(0.17)
+    assert corrected(lv, table, grid, 0.8, 0.98)[0, 0] == pytest.approx(0.16)  # last
+    up = corrected(lv, -table, grid, 0.4, 0.98)
+    assert up[0, 4] == pytest.approx(0.98)  # raised no further than max_level
+
+
+def test_select_by_mode_reads_only_that_protocol(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from teal.sparsity import methods
+    from teal.sparsity.methods import select_method
+
+    monkeypatch.setattr(methods, "SELECT_CANDIDATES", ("uniform", "greedy-layers"))
+
+    grid = torch.tensor([0.2, 0.4])
+    # [protocol (decode-like, full)][candidates: uniform, greedy-layers][level]
+    nll = torch.tensor([[[0.02, 0.20], [0.01, 0.15]], [[0.00, 0.30], [0.03, 0.25]]])
+    cal = SimpleNamespace(tables={"select.nll": nll, "select.grid": grid})
+    assert select_method(cal, 0.2) == "uniform"
+    assert select_method(cal, 0.2, "decode") == "greedy-layers"
+    assert select_method(cal, 0.2, "all") == "uniform"
+    assert select_method(cal, 0.4, "all") == "greedy-layers"
+    with pytest.raises(ValueError, match="mode"):
+        select_method(cal, 0.2, "prefill")
+
+
+def test_eval_runs_auto_per_protocol(setup, monkeypatch) -> None:
+    """``teal eval`` gives each protocol the setting of the mode it measures: with auto
+    choosing uniform for decode and greedy-layers for all, its rows are those methods'."""
+    from teal.commands.eval import evaluate_methods
+    from teal.sparsity import methods
+
+    model, cal, toks = setup
+    pick = {"decode": "uniform", "all": "greedy-layers"}
+    monkeypatch.setattr(methods, "select_method", lambda cal, p, mode=None: pick[mode])
+    kw = dict(window=128, progress=False)
+    rows, _ = evaluate_methods(
+        model, cal, toks[2000:2400], ["auto", "uniform", "greedy-layers"], [0.5],
+        ("decode-like", "full"), **kw,
+    )  # fmt: skip
+    ppl = {(r.method, r.protocol): r.perplexity for r in rows}
+    assert ppl[("auto", "decode-like")] == ppl[("uniform", "decode-like")]
+    assert ppl[("auto", "full")] == ppl[("greedy-layers", "full")]
+    assert ppl[("uniform", "full")] != ppl[("greedy-layers", "full")]
+
+
+def test_greedy_dense_first_leaves_the_first_position_alone(setup) -> None:
+    """With ``dense_first`` the search never sparsifies the first position of a window
+    (the attention sink a dense prefill always computes): a one-position window has no
+    error, and the search is still no worse than uniform under its own measure."""
+    model, cal, toks = setup
+    ids = allocate.held_out_windows(toks[2000:2512], 128, None)
+    inputs = allocate.capture_inputs(model, ids)
+    thr = cal.stats.thresholds(0.5)[0]
+    first = allocate.BlockInputs(
+        *(t[:, :1] for t in (inputs[0].attn_x, inputs[0].mlp_x, inputs[0].block_in,
+                             inputs[0].block_out))
+    )  # fmt: skip
+    assert allocate.block_error(model, 0, first, thr, dense_first=True) == 0
+    assert allocate.block_error(model, 0, first, thr, dense_first=False) > 0
+    sites = ("attn_in",) * 3 + ("attn_out", "mlp_in", "mlp_in", "mlp_mid")
+    for layer in range(model.config.n_layers):
+        levels, _ = allocate.greedy_layer(
+            model,
+            layer,
+            inputs[layer],
+            lambda j, lv, layer=layer: cal.stats.site_quantiles(layer, sites[j], lv),
+            dense_first=True,
+        )
+        for s in (0.25, 0.5, 0.75):
+            table = torch.zeros(model.config.n_layers, 7)
+            table[layer] = levels[round(s / allocate.DELTA)]
+            greedy_thr = cal.stats.thresholds(table)[layer]
+            uniform_thr = cal.stats.thresholds(s)[layer]
+            e_g = allocate.block_error(model, layer, inputs[layer], greedy_thr, dense_first=True)
+            e_u = allocate.block_error(model, layer, inputs[layer], uniform_thr, dense_first=True)
+            assert e_g <= e_u * (1 + 1e-6), (layer, s, e_g, e_u)
+
+
+def test_remade_greedy_tables_remake_what_depends_on_them(setup) -> None:
+    """The seq and select tables are measured on the greedy tables: when those are made
+    again, the stale ones are replaced too."""
+    model, cal, toks = setup
+    copy = Calibration(cal.stats, dict(cal.metadata), dict(cal.tables))
+    copy.metadata["tables"] = dict(cal.metadata["tables"])
+    for name in ("greedy.levels", "greedy.error", "greedy.block_sparsity", "greedy.sensitivity"):
+        copy.tables.pop(name)
+    copy.tables["seq.delta"] = torch.zeros_like(cal.tables["seq.delta"])
+    copy.tables["select.nll"] = torch.zeros_like(cal.tables["select.nll"])
+    add_tables(model, copy, toks[:2000], toks[2000:], kinds=("greedy",), progress=False)
+    assert torch.allclose(copy.tables["seq.delta"], cal.tables["seq.delta"], atol=1e-6)
     assert torch.allclose(copy.tables["select.nll"], cal.tables["select.nll"], atol=1e-5)

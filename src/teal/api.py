@@ -92,7 +92,7 @@ def sparsify(
 
         view = InputMajorView(model)
     cal = _load_calibration(calibration, view)
-    setting = setting_for(cal, method, sparsity, view)
+    setting = setting_for(cal, method, sparsity, view, mode=mode)
     if not setting.reachable:
         raise TealError(
             f"method {method!r} reaches at most {setting.max_sparsity:.1%} sparsity on this"

@@ -13,6 +13,9 @@ from teal.sparsity.methods import DEFAULT_METHOD, METHODS
 
 DEFAULT_SPARSITIES = "0,0.25,0.4,0.5"
 DEFAULT_MAX_TOKENS = 16384
+# The sparse mode each perplexity protocol measures (decode-like: dense prefill, sparse
+# one-token steps; full: every position).
+PROTOCOL_MODE = {"decode-like": "decode", "full": "all"}
 
 
 def log(msg: str) -> None:
@@ -179,22 +182,31 @@ def evaluate_methods(
         dense = evaluate(model, tokens, {0.0: None}, protocols, method="dense", **kwargs)
     for method in methods:
         results += [replace(r, method=method) for r in dense]
-        settings = [setting_for(cal, method, p, model) for p in sparsities if p > 0]
-        for s in settings:
-            if not s.reachable:
-                unreachable.append(
-                    {"method": method, "sparsity": s.sparsity, "max_sparsity": s.max_sparsity}
-                )
-                log(f"teal: {method} cannot reach {s.sparsity:.0%} (at most {s.max_sparsity:.1%})")
-        group = [s for s in settings if s.reachable]
-        if group:
+        # Each protocol measures one sparse mode; ``auto`` chooses by the mode it runs in.
+        for proto in protocols:
+            mode = PROTOCOL_MODE[proto]
+            settings = [setting_for(cal, method, p, model, mode=mode) for p in sparsities if p > 0]
+            for s in settings:
+                if not s.reachable and proto == protocols[0]:
+                    unreachable.append(
+                        {"method": method, "sparsity": s.sparsity, "max_sparsity": s.max_sparsity}
+                    )
+                    log(
+                        f"teal: {method} cannot reach {s.sparsity:.0%}"
+                        f" (at most {s.max_sparsity:.1%})"
+                    )
+                if s.chosen is not None:
+                    log(f"teal: {method} at {s.sparsity:.0%} ({proto}) runs {s.chosen}")
+            group = [s for s in settings if s.reachable]
+            if not group:
+                continue
             group[0].apply(model)  # evaluate() keeps the model's scales (one set per method)
             try:
                 results += evaluate(
                     model,
                     tokens,
                     {s.sparsity: s.thresholds for s in group},
-                    protocols,
+                    (proto,),
                     method=method,
                     **kwargs,
                 )
@@ -232,7 +244,7 @@ def evaluate_tasks(
             for p in sparsities:
                 if p == 0:
                     continue
-                s = setting_for(cal, method, p, model)
+                s = setting_for(cal, method, p, model, mode="all")  # every position sparse
                 if not s.reachable:
                     continue
                 s.apply(model)

@@ -70,7 +70,7 @@ def _apply_sparsity(model: Transformer, args: argparse.Namespace) -> None:
 
     part = None if args.calibration else load_corpus(None).part("calibration")
     cal = get_calibration(model, args.calibration, part, None, [args.method])
-    setting = setting_for(cal, args.method, args.sparsity, model)
+    setting = setting_for(cal, args.method, args.sparsity, model, mode="decode")
     if not setting.reachable:
         raise TealError(
             f"method {args.method} reaches at most {setting.max_sparsity:.0%} on this model,"

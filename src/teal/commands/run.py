@@ -203,7 +203,7 @@ def _samples(
                 if p == 0:
                     model.clear_sparsity()
                 else:
-                    setting = setting_for(cal, method, p, model)
+                    setting = setting_for(cal, method, p, model, mode="decode")
                     if not setting.reachable:
                         continue
                     setting.apply(model, mode="decode")

@@ -48,6 +48,14 @@ MAX_LEVEL = 0.98  # no projection goes beyond this level (a site's top 2 % alway
 HELD_OUT_TOKENS = 512  # tokens whose block errors drive the search
 HELD_OUT_WINDOW = 256  # tokens per held-out window (attention sees this much context)
 SENSITIVITY_LEVEL = 0.5  # the block sparsity at which layer sensitivities are measured
+# The first position of each held-out window stays dense in the search and in the
+# sensitivities.  Without a BOS token that position becomes an attention sink: from the
+# middle layers on it carries almost all of the residual stream's energy (99 % of the
+# block output's squared norm on the default model), every later position attends to
+# it, and a dense prefill always computes it.  Sparsifying it in the search made the
+# search protect k and v for its sake (mean levels 12 % and 1 % at 25 %) and cost
+# perplexity at every level in both protocols (README, 2026-12-01 third session).
+DENSE_FIRST = True
 
 _ATTN = (0, 1, 2, 3)
 _MLP = (4, 5, 6)
@@ -102,15 +110,20 @@ def capture_inputs(model, ids: Tensor) -> list[BlockInputs]:
     ]
 
 
-def _sparsify(x: Tensor, t: float) -> Tensor:
-    return x * (x.abs() > t) if t > 0 else x
+def _sparsify(x: Tensor, t: float, dense_first: bool = False) -> Tensor:
+    if t <= 0:
+        return x
+    out = x * (x.abs() > t)
+    if dense_first:  # the first position of each window stays dense
+        out[:, :1] = x[:, :1]
+    return out
 
 
 class _Block:
     """One block's weights in fp32 and the attention geometry, with the pieces a try
     recomputes."""
 
-    def __init__(self, model, layer: int, seq_len: int) -> None:
+    def __init__(self, model, layer: int, seq_len: int, dense_first: bool = DENSE_FIRST) -> None:
         cfg = model.config
         blk = model.layers[layer]
         att, mlp = blk.attention, blk.mlp
@@ -126,6 +139,7 @@ class _Block:
         wgu = mlp.w_gate_up.detach().float()
         self.w += [wgu[:, :ffn], wgu[:, ffn:], mlp.w_down.detach().float()]
         self.act = cfg.act
+        self.dense_first = dense_first
         pos = torch.arange(seq_len, device=wqkv.device)
         freqs = pos.float()[:, None] * model.inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -133,7 +147,7 @@ class _Block:
         self.mask = model._mask(pos, pos, cfg.sliding_windows[layer])
 
     def proj(self, j: int, x: Tensor, t: float) -> Tensor:
-        y = _sparsify(x, t) @ self.w[j]
+        y = _sparsify(x, t, self.dense_first) @ self.w[j]
         b = self.b[j] if j < 3 else None
         return y if b is None else y + b
 
@@ -164,13 +178,14 @@ def greedy_layer(
     delta: float = DELTA,
     max_block: float = MAX_BLOCK,
     max_level: float = MAX_LEVEL,
+    dense_first: bool = DENSE_FIRST,
 ) -> tuple[Tensor, Tensor]:
     """Greedy levels of one layer: ``levels [R, 7]`` and relative block error ``[R]`` at
     block sparsity ``r * delta`` for ``r = 0 .. R-1``.
 
     ``site_thresholds(j, levels)`` gives projection ``j``'s thresholds at the given
     levels (quantiles of the calibration statistics of the site it reads)."""
-    blk = _Block(model, layer, inputs.attn_x.shape[1])
+    blk = _Block(model, layer, inputs.attn_x.shape[1], dense_first)
     sizes = projection_sizes(model.config)
     step = (delta * sizes.sum() / sizes).tolist()
     n_rows = int(round(max_block / delta)) + 1
@@ -270,6 +285,7 @@ def greedy_tables(
     delta: float = DELTA,
     max_block: float = MAX_BLOCK,
     max_level: float = MAX_LEVEL,
+    dense_first: bool = DENSE_FIRST,
     progress: bool = True,
 ) -> dict[str, Tensor]:
     """Greedy tables of every layer on held-out windows ``ids`` ``[B, T]``:
@@ -293,13 +309,16 @@ def greedy_tables(
             delta=delta,
             max_block=max_block,
             max_level=max_level,
+            dense_first=dense_first,
         )
         all_levels.append(lv)
         all_errors.append(er)
     levels = torch.stack(all_levels)
     errors = torch.stack(all_errors)
     rows = torch.arange(levels.shape[1], dtype=torch.float64) * delta
-    sens = layer_sensitivity(model, stats, inputs, levels, errors, rows, progress=progress)
+    sens = layer_sensitivity(
+        model, stats, inputs, levels, errors, rows, dense_first=dense_first, progress=progress
+    )
     return {
         "levels": levels,
         "error": errors,
@@ -318,6 +337,7 @@ def layer_sensitivity(
     rows: Tensor,
     *,
     level: float = SENSITIVITY_LEVEL,
+    dense_first: bool = DENSE_FIRST,
     progress: bool = True,
 ) -> Tensor:
     """Per layer: KL(dense || sparse) of the next-token distribution, per unit of
@@ -338,6 +358,10 @@ def layer_sensitivity(
     dtype = model.dtype
     rope = (emb.cos().to(dtype), emb.sin().to(dtype))
     masks = {w: model._mask(pos, pos, w) for w in set(model.config.sliding_windows)}
+    pos_mask = None
+    if dense_first:
+        pos_mask = torch.ones(inputs[0].block_in.shape[:2], dtype=torch.bool, device=model.device)
+        pos_mask[:, 0] = False
 
     def logprobs(h: Tensor) -> Tensor:
         return F.log_softmax(F.linear(model.norm(h), head).float(), dim=-1)
@@ -350,7 +374,7 @@ def layer_sensitivity(
         thr = stats.thresholds(table)[layer].to(model.device)
         h = inputs[layer].block_in.to(dtype)
         for i in range(layer, n):
-            call = SparseCall(thr, None, None, "torch") if i == layer else None
+            call = SparseCall(thr, pos_mask, None, "torch") if i == layer else None
             blk = model.layers[i]
             h = blk(h, rope, masks[model.config.sliding_windows[i]], None, call, None)
         lp = logprobs(h)
@@ -401,11 +425,13 @@ def layer_rows(errors: Tensor, weights: Tensor, rows: Tensor, target: float) -> 
 
 
 @torch.inference_mode()
-def block_error(model, layer: int, inputs: BlockInputs, thresholds: Tensor) -> float:
+def block_error(
+    model, layer: int, inputs: BlockInputs, thresholds: Tensor, dense_first: bool = DENSE_FIRST
+) -> float:
     """The greedy search's error measure for one layer at thresholds ``[7]``: squared
     error of the attention and MLP outputs against dense, relative to the squared
     norm of the block's dense output."""
-    blk = _Block(model, layer, inputs.attn_x.shape[1])
+    blk = _Block(model, layer, inputs.attn_x.shape[1], dense_first)
     t = [float(v) for v in thresholds]
     ax, mx = inputs.attn_x, inputs.mlp_x
     dense_att = blk.attention(*(blk.proj(j, ax, 0.0) for j in range(3)))

@@ -12,11 +12,17 @@ method tables stored in it (``teal.sparsity.tables``).
 * ``weight-informed``: every projection at level ``p`` of the score ``|x_i| * ||W[:, i]||``.
 * ``cats``: only ``act(gate)`` thresholded, skipping up rows and down columns; reaches
   at most the up+down share of the weights.
-* ``auto`` (the default): at each requested level, ``greedy-layers`` if it lost no more
-  perplexity than ``uniform`` on the held-out calibration tokens in *both* protocols
-  (decode-like and full), else ``uniform`` (``select.*`` tables,
+* ``uniform-seq``, ``greedy-layers-seq``: the same levels, with thresholds calibrated
+  under sparsity (each site's quantile taken on the activations it receives with its
+  upstream already sparse; ``teal.sparsity.sequential``), so the sparsity applied is
+  the sparsity asked for rather than 1-7 points more.
+* ``auto`` (the default): at each requested level, the candidate
+  (``SELECT_CANDIDATES``) that lost least perplexity on the held-out calibration
+  tokens among those that lost no more than ``uniform``, in the protocol that measures
+  the sparse mode the setting runs in (decode: decode-like, all: full), or in *both*
+  when no mode is given; else ``uniform`` (``select.*`` tables,
   ``tables.method_nll``).  So on held-out calibration text ``auto`` is never worse
-  than uniform in either protocol.
+  than uniform in the protocol of its mode.
 
 The requested sparsity is always weight-weighted: the share of projection weights
 whose input is dropped.
@@ -35,12 +41,25 @@ from teal.sparsity import allocate
 from teal.sparsity.artifact import Calibration
 from teal.sparsity.stats import check_sparsity
 
-METHODS = ("uniform", "greedy", "greedy-layers", "weight-informed", "cats", "auto")
+METHODS = (
+    "uniform",
+    "greedy",
+    "greedy-layers",
+    "weight-informed",
+    "cats",
+    "auto",
+    "uniform-seq",
+    "greedy-layers-seq",
+)
+# Methods whose levels the sequential (under-sparsity) correction is measured for, in
+# the order of the ``seq.delta`` table; ``NAME-seq`` applies it to ``NAME``.
+SEQ_BASES = ("uniform", "greedy-layers")
 # What ``auto`` chooses from, the fallback first.  Plain ``greedy`` is not a candidate:
 # greedy-layers includes it (equal rows in every layer), each extra candidate is one
-# more chance to beat uniform on held-out noise alone, and each costs a third of the
-# selection's passes.
-SELECT_CANDIDATES = ("uniform", "greedy-layers")
+# more chance to beat uniform on held-out noise alone, and each costs a share of the
+# selection's passes.  ``greedy-layers-seq`` is one: its thresholds calibrated under
+# sparsity help most at high sparsity and not below about 40 % (README).
+SELECT_CANDIDATES = ("uniform", "greedy-layers", "greedy-layers-seq")
 # The method the commands use unless told otherwise.  ``auto`` rather than plain
 # greedy-layers: greedy-layers is better on most levels, but not at every level in
 # every protocol (README, quality table), and ``auto`` falls back to uniform where
@@ -102,9 +121,14 @@ def cats_max_sparsity(config) -> float:
     return float(allocate.MAX_LEVEL * (n[5] + n[6]) / n.sum())
 
 
-def setting_for(cal: Calibration, method: str, sparsity: float, model=None) -> Setting:
+def setting_for(
+    cal: Calibration, method: str, sparsity: float, model=None, mode: str | None = None
+) -> Setting:
     """Thresholds (and scales) of ``method`` at weight-weighted ``sparsity``.  ``model``
-    is needed for the methods with scales (weight-informed)."""
+    is needed for the methods with scales (weight-informed).  ``mode``: the sparse mode
+    the setting will run in (``"decode"``: dense prefill, one-token steps sparse, which
+    the decode-like protocol measures; ``"all"``: every position, the full protocol);
+    ``auto`` then chooses by that protocol's losses alone, and by both when it is None."""
     check_method(method)
     p = check_sparsity(sparsity)
     stats = cal.stats
@@ -113,23 +137,28 @@ def setting_for(cal: Calibration, method: str, sparsity: float, model=None) -> S
         return Setting(method, p, stats.thresholds(p))
     _need_tables(cal, method)
     if method == "auto":
-        choice = select_method(cal, p)
+        choice = select_method(cal, p, mode)
         inner = setting_for(cal, choice, p, model)
         inner.method, inner.chosen = "auto", choice
         return inner
     from teal.sparsity import tables
 
-    if method in ("greedy", "greedy-layers"):
-        levels, rows = cal.tables["greedy.levels"], cal.tables["greedy.block_sparsity"]
-        max_s = float(rows[-1])
-        if p > max_s + 1e-9:
+    if method.endswith("-seq"):
+        from teal.sparsity.sequential import corrected
+
+        base = method[: -len("-seq")]
+        lv = nominal_levels(cal, base, p)
+        if lv is None:
+            max_s = float(cal.tables["greedy.block_sparsity"][-1])
             return Setting(method, p, stats.thresholds(0.0), None, False, max_s)
-        if method == "greedy":
-            target = torch.full((n_layers,), p)
-        else:
-            err, sens = cal.tables["greedy.error"], cal.tables["greedy.sensitivity"]
-            target = allocate.layer_rows(err, sens, rows, p)
-        lv = allocate.interpolate_rows(levels, rows, target)
+        delta = cal.tables["seq.delta"][SEQ_BASES.index(base)]
+        lv = corrected(lv, delta, _grid(cal.tables["seq.grid"]), p, allocate.MAX_LEVEL)
+        return Setting(method, p, stats.thresholds(lv))
+    if method in ("greedy", "greedy-layers"):
+        lv = nominal_levels(cal, method, p)
+        max_s = float(cal.tables["greedy.block_sparsity"][-1])
+        if lv is None:
+            return Setting(method, p, stats.thresholds(0.0), None, False, max_s)
         return Setting(method, p, stats.thresholds(lv), None, True, max_s)
     if method == "weight-informed":
         if model is None:
@@ -154,18 +183,53 @@ def setting_for(cal: Calibration, method: str, sparsity: float, model=None) -> S
     return Setting(method, p, thr, cats_scales(model), True, max_s)
 
 
-def select_method(cal: Calibration, sparsity: float) -> str:
+def nominal_levels(cal: Calibration, method: str, sparsity: float) -> Tensor | None:
+    """Levels ``[n_layers, 7]`` of ``uniform``, ``greedy`` or ``greedy-layers`` at
+    ``sparsity`` (in the dense histograms' terms); None where the method cannot reach
+    it."""
+    n_layers, p = cal.stats.n_layers, float(sparsity)
+    if method == "uniform":
+        return torch.full((n_layers, 7), p)
+    levels, rows = cal.tables["greedy.levels"], cal.tables["greedy.block_sparsity"]
+    if p > float(rows[-1]) + 1e-6:  # rows are stored in fp32: 0.9 is 0.89999998
+        return None
+    if method == "greedy":
+        target = torch.full((n_layers,), p)
+    elif method == "greedy-layers":
+        err, sens = cal.tables["greedy.error"], cal.tables["greedy.sensitivity"]
+        target = allocate.layer_rows(err, sens, rows, p)
+    else:
+        raise ValueError(f"no nominal levels for method {method!r}")
+    return allocate.interpolate_rows(levels, rows, target)
+
+
+def _grid(t: Tensor) -> list[float]:
+    """A grid of levels stored in fp32, rounded back to the levels it was made at."""
+    return [round(v, 6) for v in t.double().tolist()]
+
+
+# The perplexity protocol (row of ``select.nll``) that measures each sparse mode.
+MODE_PROTOCOL = {"decode": 0, "all": 1}
+
+
+def select_method(cal: Calibration, sparsity: float, mode: str | None = None) -> str:
     """``uniform``, unless another candidate's held-out loss at ``sparsity`` is no
-    greater than uniform's in both protocols; among those, the least loss summed over
-    the protocols (ties go to the earlier candidate; the rule takes any number of
-    candidates).  Losses are linear between the levels they were measured at, from
-    zero at sparsity 0.
+    greater than uniform's in the protocol of ``mode`` (both protocols when ``mode`` is
+    None); among those, the least loss summed over those protocols (ties go to the
+    earlier candidate; the rule takes any number of candidates).  Losses are linear
+    between the levels they were measured at, from zero at sparsity 0.
 
     Why not the least summed loss alone: one protocol's gain would then pay for the
-    other's loss, and the promise is never worse than uniform in either."""
+    other's loss, and the promise is never worse than uniform in either.  Why by mode:
+    a setting runs in one mode, which one protocol measures (decode: dense prefill,
+    sparse steps; all: every position), and the two can disagree (on the default model
+    greedy-layers is better decode-like at 25 % and worse in the full protocol)."""
     nll = cal.tables["select.nll"].double().tolist()  # [protocol][candidate][level]
-    # The grid is stored in fp32: round it back to the levels it was measured at.
-    xs = [0.0, *(round(v, 6) for v in cal.tables["select.grid"].double().tolist())]
+    if mode is not None:
+        if mode not in MODE_PROTOCOL:
+            raise ValueError(f"mode must be 'decode' or 'all', not {mode!r}")
+        nll = [nll[MODE_PROTOCOL[mode]]]
+    xs = [0.0, *_grid(cal.tables["select.grid"])]
     loss = [
         [_interp(xs, [0.0, *row], sparsity) for row in proto] for proto in nll
     ]  # [protocol][candidate]

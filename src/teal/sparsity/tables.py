@@ -19,12 +19,15 @@ from teal.sparsity.scores import collect_score_stats
 from teal.sparsity.stats import ActivationStats
 
 TABLES_METHOD = "greedy-blockwise+wi+cats"
-TABLES_VERSION = 1
+TABLES_VERSION = 2  # 2: greedy search with the first position of each window dense
 # Two kinds, made apart so a command pays only for what its methods read: the greedy
 # search (greedy, greedy-layers) and the score histograms (weight-informed, cats).
 KINDS = {
     "greedy": ("greedy.levels", "greedy.error", "greedy.block_sparsity", "greedy.sensitivity"),
     "scores": ("wi.counts", "wi.bin_lo", "cats.counts", "cats.bin_lo"),
+    # NAME-seq: level corrections from thresholds calibrated under sparsity, per base
+    # method and grid level (``teal.sparsity.sequential``; needs greedy).
+    "seq": ("seq.delta", "seq.grid"),
     # auto: held-out perplexity loss of each candidate method at a grid of levels, in
     # both evaluation protocols (needs greedy).
     "select": ("select.nll", "select.grid"),
@@ -35,9 +38,9 @@ SELECT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # decide the choice at low sparsity; on the default model the loss of one window of
 # HELD_OUT_WINDOW tokens spreads by about 0.02-0.04 nat, so four windows resolve a
 # difference of 0.03 at about two standard errors.  More would cost `teal run` its
-# 10 minutes on a 2-core CPU (the selection is 2 x 9 levels x 1.5 passes).
+# 10 minutes on a 2-core CPU (the selection is 3 candidates x 9 levels x 1.5 passes).
 SELECT_TOKENS = 1024
-NAMES = KINDS["greedy"] + KINDS["scores"]
+NAMES = tuple(n for names in KINDS.values() for n in names)
 
 
 def kinds_for(methods) -> tuple[str, ...]:
@@ -46,7 +49,13 @@ def kinds_for(methods) -> tuple[str, ...]:
         if m in ("greedy", "greedy-layers"):
             need.add("greedy")
         elif m == "auto":
+            from teal.sparsity.methods import SELECT_CANDIDATES
+
             need.update(("greedy", "select"))
+            if any(c.endswith("-seq") for c in SELECT_CANDIDATES):
+                need.add("seq")
+        elif m.endswith("-seq"):
+            need.update(("greedy", "seq"))
         elif m in ("weight-informed", "cats"):
             need.add("scores")
     return tuple(k for k in KINDS if k in need)
@@ -87,7 +96,18 @@ def add_tables(
     # Only what is missing is made (a file with greedy tables gains the select ones
     # without the greedy search running again).
     kinds = tuple(k for k in KINDS if k in kinds and not all(n in cal.tables for n in KINDS[k]))
-    if "select" in kinds and "greedy" not in kinds and "greedy.levels" not in cal.tables:
+    from teal.sparsity.methods import SELECT_CANDIDATES
+
+    seq_candidates = any(c.endswith("-seq") for c in SELECT_CANDIDATES)
+    if "select" in kinds and seq_candidates and "seq.delta" not in cal.tables:
+        kinds = (*kinds, "seq")  # the selection measures the -seq candidates
+    if "greedy" in kinds:  # tables made from older greedy tables are made again
+        kinds = (
+            *kinds,
+            *(k for k in ("seq", "select") if k not in kinds and KINDS[k][0] in cal.tables),
+        )
+    needs_greedy = "select" in kinds or "seq" in kinds
+    if needs_greedy and "greedy" not in kinds and "greedy.levels" not in cal.tables:
         kinds = ("greedy", *kinds)
     if "scores" in kinds:
         start = time.perf_counter()
@@ -111,8 +131,29 @@ def add_tables(
             held_out_tokens=int(ids.numel()),
             held_out_disjoint=held_out_is_disjoint,
             greedy_delta=allocate.DELTA,
+            greedy_dense_first=allocate.DENSE_FIRST,
             seconds_greedy=round(time.perf_counter() - start, 1),
         )
+    if "seq" in kinds:
+        from teal.sparsity import sequential
+        from teal.sparsity.methods import SEQ_BASES, nominal_levels
+
+        start = time.perf_counter()
+        cal.metadata["tables"] = meta
+        lead = bos is not None
+        span = min(sequential.SEQ_TOKENS, model.config.max_seq_len) - lead
+        span = min(span, stats_tokens.numel())
+        ids = allocate.held_out_windows(stats_tokens[:span], span + lead, bos)[:1]
+        cal.tables["seq.delta"] = torch.stack(
+            [
+                sequential.correction_table(
+                    model, ids, lambda p, b=base: nominal_levels(cal, b, p), progress=progress
+                )
+                for base in SEQ_BASES
+            ]
+        )
+        cal.tables["seq.grid"] = torch.tensor(sequential.SEQ_GRID, dtype=torch.float32)
+        meta.update(seq_tokens=int(ids.numel()), seconds_seq=round(time.perf_counter() - start, 1))
     if "select" in kinds:
         start = time.perf_counter()
         cal.metadata["tables"] = meta  # setting_for checks the tables' identity
@@ -125,6 +166,7 @@ def add_tables(
         cal.tables.pop("select.kl", None)  # the KL table of files made before
         meta.update(
             select_tokens=int(ids.numel()),
+            select_candidates=list(SELECT_CANDIDATES),
             select_apart_from_greedy=apart,
             seconds_select=round(time.perf_counter() - start, 1),
         )
