@@ -145,10 +145,11 @@ def main() -> None:
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument(
         "--quant",
-        choices=("int8",),
+        choices=("int8", "int4", "gguf"),
         default=None,
-        help="our rows on int8 weights (projections and lm_head; thresholds from the"
-        " unquantized model), llama.cpp adds a Q8_0 file",
+        help="our rows on quantized weights (thresholds from the unquantized model): int8"
+        " (projections and lm_head; llama.cpp adds a Q8_0 file), int4 (groups of 32, float"
+        " offsets), gguf (the file's own Q4_1 blocks, the head stays float)",
     )
     ap.add_argument("--llama-build-seconds", type=float, default=None, help="recorded as given")
     ap.add_argument("--llama-build", default=None, help="how llama-cpp-python was built (recorded)")
@@ -167,7 +168,10 @@ def main() -> None:
     if args.quant:
         # As for evaluation: thresholds from the unquantized model, then quantize.
         thresholds = calibration_thresholds(model, levels)
-        model.quantize(args.quant)
+        if args.quant == "int4":
+            model.quantize("int4", group_size=32, zero_point="offset")
+        else:
+            model.quantize(args.quant)
         model.set_backend("cpu")
     with other_cpu_use(busy, "ours"):
         ours = bench_decode(

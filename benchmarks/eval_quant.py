@@ -1,4 +1,4 @@
-"""Perplexity of a model with quantized weights (int8, int4), dense and sparse, next to
+"""Perplexity of a model with quantized weights (int8, int4, gguf), dense and sparse, next to
 the unquantized model: does quantization error add to sparsity error no worse than
 independently?
 
@@ -6,6 +6,8 @@ independently?
         --method uniform,greedy-layers --sparsity 0,0.25,0.4,0.5 --max-tokens 8192 \\
         --out benchmarks/results/quant-ppl-default-2026-12-01.json
 
+``--quant`` entries: none, int8, int4 (zero-point codes; ``--sym``: symmetric),
+int4-offset (float offsets), gguf (the GGUF file's own Q4_0 / Q4_1 weights repacked).
 Thresholds (and the greedy method tables) come from the unquantized model's calibration
 on the calibration part of the text (the same file `teal eval` uses); the quantized
 models reuse them.  Perplexity runs on the reference path (dequantize, then matmul), on
@@ -29,7 +31,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="fp32")
-    ap.add_argument("--quant", default="none,int8,int4", help="comma list of none, int8, int4")
+    ap.add_argument(
+        "--quant",
+        default="none,int8,int4",
+        help="comma list of none, int8, int4, int4-offset, gguf",
+    )
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--sym", action="store_true", help="int4 without zero points")
     ap.add_argument("--method", default="uniform,greedy-layers")
@@ -59,7 +65,8 @@ def main() -> int:
         model = base
         if q != "none":
             model = copy.deepcopy(base)
-            model.quantize(q, group_size=args.group_size, zero_point=not args.sym)
+            fmt, _, zero = q.partition("-")
+            model.quantize(fmt, group_size=args.group_size, zero_point=zero or not args.sym)
         label = "none" if q == "none" else model.quant.label()
         print(f"== {label}", file=sys.stderr, flush=True)
         results, _ = evaluate_methods(

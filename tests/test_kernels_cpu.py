@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from teal.kernels import cpu
 from teal.kernels import reference as ref
+from teal.model.quant import QuantWeight
 
 IMPLS = ["native", "embedding_bag"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -561,10 +562,9 @@ def test_one_call_step_notices_what_changed_under_its_plans(monkeypatch):
     check()
     model.layers[2].attention.wo = torch.nn.Parameter(model.layers[2].attention.wo * -1)
     check()
-    model.quantize("int4", group_size=32, lm_head=False)  # the one-call step declines int4
-    got = _decode_logits(model, prompt, 6)
-    assert cpu._PLANS[model.layers].plans is None
-    torch.testing.assert_close(got, op_by_op(), rtol=1e-5, atol=1e-5)
+    model.quantize("int4", group_size=32, lm_head=False)  # new weights: new plans
+    check()
+    assert cpu._PLANS[model.layers].plans[0].wfmt == 2
 
 
 def test_fused_block_declines_what_it_does_not_run():
@@ -576,7 +576,12 @@ def test_fused_block_declines_what_it_does_not_run():
     assert cpu._plan_inputs(block, thr, None) is not None
     assert cpu._plan_inputs(block, thr, {"mlp_cats": torch.ones(1)}) is None  # CATS
     model.quantize("int4", group_size=32, lm_head=False)
-    assert cpu._plan_inputs(model.layers[0], thr, None) is None  # int4 weights
+    assert cpu._plan_inputs(model.layers[0], thr, None) is not None  # int4 runs fused
+    from teal.model.quant import quantize_int8
+
+    mlp = model.layers[0].mlp
+    mlp.w_down = quantize_int8(mlp.w_down.dequantize(torch.float32))
+    assert cpu._plan_inputs(model.layers[0], thr, None) is None  # int8 beside int4
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are a Linux feature")
@@ -622,21 +627,37 @@ def test_dense_decode_on_the_cpu_backend_runs_the_native_step(dtype):
     assert torch.equal(native.argmax(-1), torch_path.argmax(-1))
 
 
-# ----- int8 weights on the CPU ---------------------------------------------------------
+# ----- quantized weights on the CPU ----------------------------------------------------
 
 
-@pytest.mark.parametrize("k,splits", [(67, (45,)), (130, (32, 16, 17))])
+def _quantized(kind, w, splits, dtype):
+    """``kind``: int8, or int4-<zero kind>[-fp16] (groups of 32; fp16 scales as GGUF's)."""
+    from teal.model.quant import quantize_int4, quantize_int8
+
+    if kind == "int8":
+        return quantize_int8(w, splits)
+    parts = kind.split("-")
+    scale_dtype = torch.float16 if parts[-1] == "fp16" else dtype
+    return quantize_int4(w, 32, splits, zero_point=parts[1], scale_dtype=scale_dtype)
+
+
+QUANT_KINDS = ["int8", "int4-code", "int4-offset", "int4-none", "int4-offset-fp16",
+               "int4-none-fp16"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", QUANT_KINDS)
+@pytest.mark.parametrize("k,splits", [(67, (46,)), (130, (32, 16, 18))])
 @pytest.mark.parametrize("p", [None, 0.0, 0.5, 1.0])
 @pytest.mark.parametrize("b,dtype", [(1, torch.bfloat16), (1, torch.float32), (3, torch.float16)])
-def test_native_int8_project_matches_dequantize_then_matmul(k, splits, p, b, dtype):
-    """int8 codes walked as rows, per-column scales on the sums: the reference
-    (dequantize, then the sparse reference) up to fp32 order and one rounding; odd
-    widths, fused segments, a non-contiguous batch, every channel dropped."""
+def test_native_quant_project_matches_dequantize_then_matmul(kind, k, splits, p, b, dtype):
+    """int8 codes walked as rows, per-column scales on the sums; int4 codes summed per
+    group, then scaled and offset: the reference (dequantize, then the sparse reference)
+    up to fp32 order and one rounding; odd K (a ragged last group), fused segments, a
+    non-contiguous batch, every channel dropped."""
     from helpers_kernels import check_close
-    from teal.model.quant import quantize_int8
 
     w = torch.randn(k, sum(splits), generator=_gen(k)) / k**0.5
-    qw = quantize_int8(w, splits)
+    qw = _quantized(kind, w, splits, dtype)
     x = torch.randn(b, 2 * k, generator=_gen(b)).to(dtype)[:, ::2]  # strided rows
     if p is None:
         t = None
@@ -652,13 +673,13 @@ def test_native_int8_project_matches_dequantize_then_matmul(k, splits, p, b, dty
         assert (y == 0).all()
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4-code", "int4-offset-fp16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_int8_gate_up_matches_reference(dtype):
+def test_native_quant_gate_up_matches_reference(kind, dtype):
     from helpers_kernels import check_close
-    from teal.model.quant import quantize_int8
 
     f, k = 24, 70
-    qw = quantize_int8(torch.randn(k, 2 * f, generator=_gen(5)) / k**0.5, (f, f))
+    qw = _quantized(kind, torch.randn(k, 2 * f, generator=_gen(5)) / k**0.5, (f, f), dtype)
     x = torch.randn(1, k, generator=_gen(6)).to(dtype)
     score = torch.rand(k, generator=_gen(7)) + 0.5
     t = torch.tensor([0.4, 0.9])
@@ -667,16 +688,18 @@ def test_native_int8_gate_up_matches_reference(dtype):
     check_close(y, r, dtype)
 
 
-def test_int8_model_decodes_natively_on_the_cpu(monkeypatch):
-    """An int8 model on backend "cpu": the one-call step runs (int8 codes in the plans)
+@pytest.mark.parametrize("fmt,zero", [("int8", True), ("int4", "code"), ("int4", "offset")])
+def test_quantized_model_decodes_natively_on_the_cpu(monkeypatch, fmt, zero):
+    """An int8 / int4 model on backend "cpu": the one-call step runs (codes in the plans)
     and equals the op-by-op path (the same kernels through the dispatcher) bit for bit;
     both agree with the torch backend (dequantize, then matmul) within rounding, and a
-    dense step and the int8 lm_head run natively too."""
+    dense step and the quantized lm_head run natively too."""
     from teal.kernels import dispatch
 
     model = _tiny_model()
     model.set_sparsity(_calibrated(model, 0.5), mode="decode")
-    model.quantize("int8")
+    # int4 packs two output columns per byte: the odd vocabulary (211) keeps a float head.
+    model.quantize(fmt, group_size=32, zero_point=zero, lm_head=fmt == "int8")
     model.set_backend("cpu")
     prompt = torch.randint(0, 211, (1, 5), generator=_gen(12))
     fused, op_by_op = _fused_and_op_by_op(model, prompt, 8, monkeypatch)
@@ -684,18 +707,21 @@ def test_int8_model_decodes_natively_on_the_cpu(monkeypatch):
     monkeypatch.undo()
     got = _decode_logits(model, prompt, 8)
     assert cpu._PLANS[model.layers].plans is not None
-    assert cpu._PLANS[model.layers].plans[0].int8 == 1
+    assert cpu._PLANS[model.layers].plans[0].wfmt == {"int8": 1, "int4": 2}[fmt]
     model.set_backend("torch")
     want = _decode_logits(model, prompt, 8)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # Dense: the keep-all step and the native int8 head (never a dequantized matrix).
+    # Dense: the keep-all step and the native quantized head (never a dequantized matrix).
     model.clear_sparsity()
     model.set_backend("cpu")
     calls = []
-    dequantize = model.lm_head.dequantize
-    monkeypatch.setattr(model.lm_head, "dequantize", lambda *a: calls.append(a) or dequantize(*a))
+    for w in (model.layers[1].mlp.w_gate_up, model.lm_head):
+        if isinstance(w, QuantWeight):
+            dequantize = w.dequantize
+            monkeypatch.setattr(w, "dequantize", lambda *a, d=dequantize: calls.append(a) or d(*a))
     dense = _decode_logits(model, prompt, 4)
-    assert len(calls) == 1  # the prefill's rows only, not the four one-token steps
+    # The prefill's rows only, not the four one-token steps.
+    assert len(calls) == (2 if fmt == "int8" else 1)
     assert torch.isinf(cpu._PLANS[model.layers].sources[0]).all()
     model.set_backend("torch")
     monkeypatch.undo()

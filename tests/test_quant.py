@@ -51,7 +51,7 @@ def test_int8_roundtrip_error_within_half_a_step():
     assert (err <= qw.scales[None, :] / 2 + 1e-6).all()
 
 
-@pytest.mark.parametrize("zero_point", [True, False])
+@pytest.mark.parametrize("zero_point", [True, False, "offset"])
 @pytest.mark.parametrize("k,g", [(128, 32), (67, 32), (200, 64)])
 def test_int4_roundtrip_error_bound(k, g, zero_point):
     w = torch.randn(k, 20, generator=_gen(2)) * torch.linspace(0.1, 3, 20)
@@ -59,12 +59,24 @@ def test_int4_roundtrip_error_bound(k, g, zero_point):
     assert qw.qweight.shape == (k, 10) and qw.scales.shape == (-(-k // g), 20)
     s = qw.scales.float().repeat_interleave(g, dim=0)[:k]
     err = (qw.dequantize() - w).abs()
-    # Symmetric codes never clamp (|w| / s <= 7): half a step.  With a zero point the
-    # rounded zero can push the extreme code one step out, where it clamps: one step.
-    bound = s * (1.0 if zero_point else 0.5) + 1e-6
+    # Symmetric codes never clamp (|w| / s <= 7), nor do codes above an exact float
+    # offset: half a step.  With a zero point the rounded zero can push the extreme code
+    # one step out, where it clamps: one step.
+    bound = s * (1.0 if zero_point is True else 0.5) + 1e-6
     assert (err <= bound).all()
     rel = float((qw.dequantize() - w).norm() / w.norm())
-    assert rel < (0.1 if zero_point else 0.15)
+    assert rel < (0.15 if zero_point is False else 0.1)
+    assert qw.zero == {True: "code", False: "none", "offset": "offset"}[zero_point]
+
+
+def test_int4_offset_beats_code_when_the_range_excludes_zero():
+    """A group of all-positive weights: the zero-point code stretches the range to 0,
+    the float offset does not."""
+    w = torch.rand(64, 16, generator=_gen(3)) + 1.0
+    code = quantize_int4(w, 32, zero_point="code")
+    offset = quantize_int4(w, 32, zero_point="offset")
+    assert offset.zeros.is_floating_point() and code.zeros.dtype == torch.uint8
+    assert (offset.dequantize() - w).abs().max() < 0.5 * (code.dequantize() - w).abs().max()
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -84,7 +96,7 @@ def _tq():
     return triton_quant
 
 
-def _quantized(fmt, k, splits, dtype, g, seed, zero_point=True):
+def _quantized(fmt, k, splits, dtype, g, seed, zero_point: bool | str = True):
     w = torch.randn(k, sum(splits), generator=_gen(seed)) / k**0.5
     if fmt == "int8":
         qw = quantize_int8(w, splits)
@@ -107,21 +119,23 @@ def _thresholds(x, p, n):
     return torch.full((n,), t, device=DEVICE)
 
 
-# (format, K, splits, group): odd K, a ragged last group, fused segments.
+# (format, K, splits, group, int4 zero kind): odd K, a ragged last group, fused segments.
 KERNEL_CASES = [
-    ("int8", 67, (45,), 0),
-    ("int8", 130, (32, 16, 16), 0),
-    ("int4", 67, (46,), 32),
-    ("int4", 130, (32, 16, 16), 64),
+    ("int8", 67, (45,), 0, None),
+    ("int8", 130, (32, 16, 16), 0, None),
+    ("int4", 67, (46,), 32, "code"),
+    ("int4", 130, (32, 16, 16), 64, "code"),
+    ("int4", 67, (46,), 32, "offset"),
+    ("int4", 130, (32, 16, 16), 32, "none"),
 ]
 
 
-@pytest.mark.parametrize("fmt,k,splits,g", KERNEL_CASES)
+@pytest.mark.parametrize("fmt,k,splits,g,zero", KERNEL_CASES)
 @pytest.mark.parametrize("p", [None, 0.5, 1.0])
 @pytest.mark.parametrize("b,dtype", [(1, torch.bfloat16), (3, torch.float16)])
-def test_quant_gemv_matches_reference(fmt, k, splits, g, p, b, dtype):
+def test_quant_gemv_matches_reference(fmt, k, splits, g, zero, p, b, dtype):
     tq = _tq()
-    qw = _quantized(fmt, k, splits, dtype, g, seed=k + b)
+    qw = _quantized(fmt, k, splits, dtype, g, seed=k + b, zero_point=zero or False)
     x = _x(b, k, dtype, seed=b, strided=b > 1)  # batches: a non-contiguous view
     t = _thresholds(x, p, len(splits))
     y = tq.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, t, splits, qw.group_size)
@@ -151,7 +165,9 @@ def test_int4_walk_configs_match_reference(prefetch):
     check_close(y, r.to(y.device), dtype)
 
 
-@pytest.mark.parametrize("fmt,g,zero_point", [("int8", 0, False), ("int4", 32, False)])
+@pytest.mark.parametrize(
+    "fmt,g,zero_point", [("int8", 0, False), ("int4", 32, False), ("int4", 32, "offset")]
+)
 def test_quant_gate_up_act_and_scores_match_reference(fmt, g, zero_point):
     tq = _tq()
     f, k, dtype = 24, 70, torch.bfloat16
@@ -196,3 +212,97 @@ def test_quantized_model_reference_and_triton_paths_agree(fmt):
     got = model(*step)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     model.clear_sparsity()
+
+
+# ----------------------------------------------------------------------------- GGUF repacking
+
+
+def _gguf_model(tmp_path, qtype, embedding="Q8_0"):
+    import teal
+    from helpers_ckpt import write_gguf_checkpoint
+
+    overrides = {"model.embed_tokens.weight": embedding, "lm_head.weight": embedding}
+    path = write_gguf_checkpoint(
+        tmp_path / "m.gguf", CFG, seed=4, qtype=qtype, tokenizer=False, overrides=overrides
+    )
+    return teal.load(path, dtype="fp32", device=DEVICE)
+
+
+def test_q4_blocks_decode_to_what_gguf_dequantizes():
+    import numpy as np
+    from gguf import quants
+    from gguf.constants import GGMLQuantizationType
+
+    from teal.model.loaders import decode_q4
+
+    x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32)
+    for name in ("Q4_0", "Q4_1"):
+        q = GGMLQuantizationType[name]
+        raw = quants.quantize(x, q)
+        codes, d, m = decode_q4(raw, name)
+        assert codes.shape == (5, 96) and d.shape == (5, 3) and codes.max() <= 15
+        off = -8.0 * d.astype(np.float32) if m is None else m.astype(np.float32)
+        w = codes.reshape(5, 3, 32) * d.astype(np.float32)[..., None] + off[..., None]
+        np.testing.assert_array_equal(w.reshape(5, 96), quants.dequantize(raw, q))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0"])
+def test_gguf_repack_keeps_the_files_weights_exactly(tmp_path, qtype):
+    model = _gguf_model(tmp_path, qtype, embedding=qtype)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 11]], device=DEVICE)
+    dense = model(ids)
+    wqkv = model.layers[1].attention.wqkv.clone()
+    qc = model.quantize("gguf")
+    assert qc.label() == "int4-g32-gguf" and qc.source == "gguf" and qc.lm_head
+    qw = model.layers[1].attention.wqkv
+    assert isinstance(qw, QuantWeight) and qw.group_size == 32
+    assert qw.zero == ("offset" if qtype == "Q4_1" else "none")
+    assert qw.scales.dtype == torch.float16  # the file's own scales
+    # q and k rows were un-permuted like the float weights: the same matrix, bit for bit.
+    assert torch.equal(qw.dequantize(torch.float32), wqkv)
+    model.set_backend("torch")
+    torch.testing.assert_close(model(ids), dense, rtol=0, atol=1e-5)
+
+
+def test_gguf_repack_runs_the_int4_kernels(tmp_path):
+    _tq()
+    model = _gguf_model(tmp_path, "Q4_1")
+    model.quantize("gguf")
+    assert model.lm_head.fmt == "int8"  # a Q8_0 head: int8 per output channel
+    ids = torch.tensor([[1, 5, 9, 2, 7, 11]], device=DEVICE)
+    model.setup_cache(1, 16)
+    model(ids[:, :5], torch.arange(5, device=DEVICE))
+    step = (ids[:, 5:], torch.tensor([5], device=DEVICE))
+    model.set_sparsity(torch.full((CFG.n_layers, 7), 0.02), mode="decode")
+    model.set_backend("torch")
+    want = model(*step)
+    model.set_backend("triton")
+    got = model(*step)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if DEVICE == "cpu":  # the native CPU kernels walk the same fp16 scales and offsets
+        model.set_backend("cpu")
+        torch.testing.assert_close(model(*step), want, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_repack_refuses_what_it_cannot_keep(tmp_path):
+    model = random_model(CFG, dtype=torch.float32, device=DEVICE, seed=3)
+    with pytest.raises(ValueError, match="loaded from random"):
+        model.quantize("gguf")
+    q8 = _gguf_model(tmp_path, "Q8_0")
+    with pytest.raises(ValueError, match="q_proj.weight is not stored as Q4_0 or Q4_1"):
+        q8.quantize("gguf")
+    assert q8.quant is None and not isinstance(q8.layers[0].attention.wqkv, QuantWeight)
+    changed = _gguf_model(tmp_path / "b", "Q4_1")
+    with torch.no_grad():
+        changed.layers[1].mlp.w_down[3, 4] += 0.5
+    with pytest.raises(ValueError, match="layer 1 w_down: the model's weights are not those"):
+        changed.quantize("gguf")
+    # Nothing was replaced: an error leaves the model whole.
+    assert changed.quant is None and not isinstance(changed.layers[0].mlp.w_down, QuantWeight)
+
+
+def test_gguf_repack_can_keep_a_float_head(tmp_path):
+    model = _gguf_model(tmp_path, "Q4_1")  # head Q8_0
+    head = model.lm_head.clone()
+    qc = model.quantize("gguf", lm_head=False)
+    assert not qc.lm_head and torch.equal(model.lm_head, head)

@@ -46,8 +46,15 @@ def print_json(obj: Any) -> None:
 
 
 def add_quant_args(p: argparse.ArgumentParser, help_text: str) -> None:
-    p.add_argument("--quant", default=None, choices=("int8", "int4"), help=help_text)
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument(
+        "--quant",
+        default=None,
+        choices=("int8", "int4", "gguf"),
+        help=help_text + "; gguf keeps a GGUF file's own Q4_0/Q4_1 weights as they are",
+    )
+    p.add_argument(
+        "--group-size", type=int, default=128, help="int4 group size (default 128; gguf: 32)"
+    )
 
 
 def quantize(model: Any, args: argparse.Namespace) -> None:

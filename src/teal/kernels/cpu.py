@@ -267,6 +267,129 @@ void gather_rows(const T* w, int64_t n_cols, int64_t c0, int64_t width, const in
   }
 }
 
+// int4 weights (teal.model.quant): codes [K, N/2], where a segment of width W keeps its
+// column j in the low nibble of byte j and column j + W/2 in the high one; group scales
+// and offsets [ceil(K/G), N], fp32 (sfmt 0) or fp16 (sfmt 2): w[k, n] = q s + m over the
+// group of k.  Zero-point codes and the symmetric format arrive as offsets (Python side).
+struct Q4 {
+  const uint8_t* q;
+  const void* s;
+  const void* m;
+  int64_t G, sfmt;
+};
+
+#ifdef __AVX2__
+// Eight bytes of a row as two fp32 lanes: low nibbles (columns b..b+7) and high nibbles
+// (columns W/2+b..).
+inline void nibbles8(const uint8_t* p, __m256* lo, __m256* hi) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+#endif
+
+// ga[0:2 half] += sum over R rows of v[i] * codes (raw, before scale and offset).  R = 4
+// in the walk, 1..3 for a group's last rows (a group rarely keeps a multiple of four).
+template <int R>
+inline void axpy_q4(float* ga, int64_t half, const float* v, const uint8_t* const* rows) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  __m256 a[R];
+  for (int i = 0; i < R; ++i) a[i] = _mm256_set1_ps(v[i]);
+  for (; j + 8 <= half; j += 8) {
+    __m256 sl = _mm256_loadu_ps(ga + j), sh = _mm256_loadu_ps(ga + half + j);
+    for (int i = 0; i < R; ++i) {
+      __m256 l, h;
+      nibbles8(rows[i] + j, &l, &h);
+      sl = _mm256_fmadd_ps(a[i], l, sl);
+      sh = _mm256_fmadd_ps(a[i], h, sh);
+    }
+    _mm256_storeu_ps(ga + j, sl); _mm256_storeu_ps(ga + half + j, sh);
+  }
+#endif
+  for (; j < half; ++j)
+    for (int i = 0; i < R; ++i) {
+      ga[j] += v[i] * float(rows[i][j] & 15);
+      ga[half + j] += v[i] * float(rows[i][j] >> 4);
+    }
+}
+
+// acc[j] += s[j] * ga[j] + m[j] * vs: one group's sums scaled and offset; ga is left
+// zeroed for the next group (one pass instead of two).
+template <typename S>
+inline void flush_q4(float* acc, float* ga, const S* s, const S* m, float vs,
+                     int64_t width) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 v = _mm256_set1_ps(vs);
+  for (; j + 8 <= width; j += 8) {
+    __m256 sv, mv;
+    if constexpr (std::is_same_v<S, f16>) {
+      sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j)));
+      mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + j)));
+    } else {
+      sv = _mm256_loadu_ps(s + j);
+      mv = _mm256_loadu_ps(m + j);
+    }
+    __m256 a = _mm256_loadu_ps(acc + j);
+    a = _mm256_fmadd_ps(sv, _mm256_loadu_ps(ga + j), a);
+    _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(mv, v, a));
+    _mm256_storeu_ps(ga + j, _mm256_setzero_ps());
+  }
+#endif
+  for (; j < width; ++j) {
+    acc[j] += load(s + j) * ga[j] + load(m + j) * vs;
+    ga[j] = 0.0f;
+  }
+}
+
+// The int4 form of gather_rows: the kept rows (ascending channels) group by group, raw
+// codes summed per group, then the group's scale and offset applied once per column.
+inline void gather_rows(const Q4* w, int64_t n_cols, int64_t c0, int64_t width,
+                        const int32_t* idx, const float* val, int64_t n, float* acc) {
+  static thread_local std::vector<float> gbuf;
+  if (int64_t(gbuf.size()) < width) gbuf.resize(size_t(width));
+  float* ga = gbuf.data();
+  for (int64_t j = 0; j < width; ++j) { acc[j] = 0.0f; ga[j] = 0.0f; }
+  const int64_t rb = n_cols / 2, half = width / 2, G = w->G;
+  const uint8_t* q = w->q + c0 / 2;
+  const int64_t head = std::min(half, PREFETCH_LINES * 64);
+  int64_t r = 0;
+  while (r < n) {
+    const int64_t g = idx[r] / G;
+    int64_t e = r + 1;
+    while (e < n && idx[e] / G == g) ++e;
+    float vs = 0.0f;
+    int64_t i = r;
+    for (; i + 4 <= e; i += 4) {
+      if (i + AHEAD + 4 <= n) {
+        for (int k = 0; k < 4; ++k) {
+          const uint8_t* pre = q + int64_t(idx[i + AHEAD + k]) * rb;
+          for (int64_t j = 0; j < head; j += 64) __builtin_prefetch(pre + j, 0, 3);
+        }
+      }
+      const uint8_t* rows[4] = {q + int64_t(idx[i]) * rb, q + int64_t(idx[i + 1]) * rb,
+                                q + int64_t(idx[i + 2]) * rb, q + int64_t(idx[i + 3]) * rb};
+      axpy_q4<4>(ga, half, val + i, rows);
+    }
+    const uint8_t* rows[3] = {};
+    for (int64_t k = i; k < e; ++k) rows[k - i] = q + int64_t(idx[k]) * rb;
+    switch (e - i) {
+      case 3: axpy_q4<3>(ga, half, val + i, rows); break;
+      case 2: axpy_q4<2>(ga, half, val + i, rows); break;
+      case 1: axpy_q4<1>(ga, half, val + i, rows); break;
+      default: break;
+    }
+    for (i = r; i < e; ++i) vs += val[i];
+    const int64_t so = g * n_cols + c0;
+    if (w->sfmt == 2)
+      flush_q4(acc, ga, (const f16*)w->s + so, (const f16*)w->m + so, vs, width);
+    else
+      flush_q4(acc, ga, (const float*)w->s + so, (const float*)w->m + so, vs, width);
+    r = e;
+  }
+}
+
 // v rounded to T's precision (identity for fp32).
 template <typename T>
 inline float rnd(float v) { T t; store(v, &t); return load(&t); }
@@ -563,7 +686,8 @@ void decode_attention(const T* qkv, int64_t B, int64_t qkv_stride, const T* cos,
 // ~10 Python calls per layer (15 us each) are gone.  Field order matches _BlockPlan.
 struct BlockPlan {
   int64_t dtype, dim, heads, kv_heads, head_dim, ffn, cache_len, window, act;
-  int64_t int8;  // 1: the four projection weights are int8 codes with column scales
+  int64_t wfmt;  // the four projection weights: 0 float, 1 int8 codes with column scales,
+                 // 2 int4 (each weight pointer then points to a Q4)
   const void *attn_norm, *wqkv, *bqkv, *wo, *ffn_norm, *w_gate_up, *w_down;
   void *k_cache, *v_cache;
   const float *thr;  // [7]: q, k, v, o, gate, up, down
@@ -616,48 +740,43 @@ void block_decode(const BlockPlan& p, const T* h_in, T* h_out, int64_t B, int64_
 
 extern "C" {
 
-// wfmt: 0 weights in the activations' dtype, 1 int8 codes with column scales col_scale.
+// wfmt: 0 weights in the activations' dtype, 1 int8 codes with column scales col_scale,
+// 2 int4 (w points to a Q4).  TEAL_WFMT runs CALL(T, W) for the activation type T of
+// dtype and the weight type W of wfmt.
+#define TEAL_WFMT(dtype, wfmt, CALL)                         \
+  switch ((dtype) * 3 + (wfmt)) {                           \
+    case 0: CALL(float, float); case 1: CALL(float, int8_t); \
+    case 2: CALL(float, Q4);                                \
+    case 3: CALL(b16, b16); case 4: CALL(b16, int8_t);       \
+    case 5: CALL(b16, Q4);                                  \
+    case 6: CALL(f16, f16); case 7: CALL(f16, int8_t);       \
+    case 8: CALL(f16, Q4);                                  \
+    default: return 1;                                      \
+  }
+
 int teal_project(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale,
                  const void* w, int wfmt, const float* col_scale, int64_t K, int64_t N,
                  int dtype, int P, const int64_t* bounds, const float* thr, void* out,
                  int threads) {
-  const int8_t* q = (const int8_t*)w;
-  switch (dtype * 2 + (wfmt == 1)) {
-    case 0: project((const float*)x, B, xs_b, xs_k, scale, (const float*)w, nullptr, K, N, P,
-                    bounds, thr, (float*)out, threads); return 0;
-    case 1: project((const float*)x, B, xs_b, xs_k, scale, q, col_scale, K, N, P, bounds, thr,
-                    (float*)out, threads); return 0;
-    case 2: project((const b16*)x, B, xs_b, xs_k, scale, (const b16*)w, nullptr, K, N, P,
-                    bounds, thr, (b16*)out, threads); return 0;
-    case 3: project((const b16*)x, B, xs_b, xs_k, scale, q, col_scale, K, N, P, bounds, thr,
-                    (b16*)out, threads); return 0;
-    case 4: project((const f16*)x, B, xs_b, xs_k, scale, (const f16*)w, nullptr, K, N, P,
-                    bounds, thr, (f16*)out, threads); return 0;
-    case 5: project((const f16*)x, B, xs_b, xs_k, scale, q, col_scale, K, N, P, bounds, thr,
-                    (f16*)out, threads); return 0;
-    default: return 1;
-  }
+  if (wfmt < 0 || wfmt > 2) return 1;
+#define TEAL_PROJECT(T, W)                                                                  \
+  project((const T*)x, B, xs_b, xs_k, scale, (const W*)w, col_scale, K, N, P, bounds, thr, \
+          (T*)out, threads);                                                               \
+  return 0
+  TEAL_WFMT(dtype, wfmt, TEAL_PROJECT)
+#undef TEAL_PROJECT
 }
 
 int teal_gate_up(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* scale,
                  const void* w, int wfmt, const float* col_scale, int64_t K, int64_t F,
                  int dtype, const float* thr, int kind, void* out, int threads) {
-  const int8_t* q = (const int8_t*)w;
-  switch (dtype * 2 + (wfmt == 1)) {
-    case 0: gate_up((const float*)x, B, xs_b, xs_k, scale, (const float*)w, nullptr, K, F, thr,
-                    kind, (float*)out, threads); return 0;
-    case 1: gate_up((const float*)x, B, xs_b, xs_k, scale, q, col_scale, K, F, thr, kind,
-                    (float*)out, threads); return 0;
-    case 2: gate_up((const b16*)x, B, xs_b, xs_k, scale, (const b16*)w, nullptr, K, F, thr, kind,
-                    (b16*)out, threads); return 0;
-    case 3: gate_up((const b16*)x, B, xs_b, xs_k, scale, q, col_scale, K, F, thr, kind,
-                    (b16*)out, threads); return 0;
-    case 4: gate_up((const f16*)x, B, xs_b, xs_k, scale, (const f16*)w, nullptr, K, F, thr, kind,
-                    (f16*)out, threads); return 0;
-    case 5: gate_up((const f16*)x, B, xs_b, xs_k, scale, q, col_scale, K, F, thr, kind,
-                    (f16*)out, threads); return 0;
-    default: return 1;
-  }
+  if (wfmt < 0 || wfmt > 2) return 1;
+#define TEAL_GATE_UP(T, W)                                                                \
+  gate_up((const T*)x, B, xs_b, xs_k, scale, (const W*)w, col_scale, K, F, thr, kind,    \
+          (T*)out, threads);                                                             \
+  return 0
+  TEAL_WFMT(dtype, wfmt, TEAL_GATE_UP)
+#undef TEAL_GATE_UP
 }
 
 int teal_linear_rows(const void* x, int64_t B, int64_t xs_b, int64_t xs_k, const void* w,
@@ -706,20 +825,13 @@ int teal_decode_attention(const void* qkv, int64_t B, int64_t qkv_stride, const 
 int teal_block_decode(const BlockPlan* plan, const void* h_in, void* h_out, int64_t B,
                       int64_t pos, const void* cos, const void* sin, int threads) {
   if (pos < 0 || pos >= plan->cache_len) return 2;
-  switch (plan->dtype * 2 + (plan->int8 == 1)) {
+  if (plan->wfmt < 0 || plan->wfmt > 2) return 1;
 #define TEAL_BLOCK(T, W)                                                                  \
   block_decode<T, W>(*plan, (const T*)h_in, (T*)h_out, B, pos, (const T*)cos, (const T*)sin, \
                      threads);                                                            \
   return 0
-    case 0: TEAL_BLOCK(float, float);
-    case 1: TEAL_BLOCK(float, int8_t);
-    case 2: TEAL_BLOCK(b16, b16);
-    case 3: TEAL_BLOCK(b16, int8_t);
-    case 4: TEAL_BLOCK(f16, f16);
-    case 5: TEAL_BLOCK(f16, int8_t);
+  TEAL_WFMT(plan->dtype, plan->wfmt, TEAL_BLOCK)
 #undef TEAL_BLOCK
-    default: return 1;
-  }
 }
 
 // Blocks plans[0..n) in order, each on the previous one's output: one call per step
@@ -930,6 +1042,54 @@ def _native_gate_up(
     return out
 
 
+class _Q4(ctypes.Structure):
+    """The C++ ``Q4``: an int4 weight's codes, scales and offsets (fp32 or fp16)."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("s", ctypes.c_void_p), ("m", ctypes.c_void_p),
+                ("G", ctypes.c_int64), ("sfmt", ctypes.c_int64)]  # fmt: skip
+
+
+# Per int4 weight: (the tensors it was made from, their versions, the _Q4, what it points to).
+_Q4_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _q4(qw: QuantWeight) -> _Q4:
+    """The native descriptor of an int4 weight, made once.  The kernel takes scales with
+    offsets (``w = q s + m``): fp16 ones as stored when they are exact there (GGUF's
+    Q4_1, the symmetric format's ``-8 s``), else fp32, where ``-z s`` of zero-point
+    codes is one rounding from the reference's ``(q - z) s``."""
+    src = [qw.qweight, qw.scales] + ([qw.zeros] if qw.zeros is not None else [])
+    key = ([t.data_ptr() for t in src], [t._version for t in src])
+    hit = _Q4_CACHE.get(qw)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    zero = qw.zero
+    if qw.scales.dtype == torch.float16 and zero in ("offset", "none"):
+        sc = qw.scales.contiguous()
+        m = qw.zeros.to(torch.float16) if zero == "offset" else sc * -8
+    else:
+        sc = qw.scales.float().contiguous()
+        if zero == "offset":
+            m = qw.zeros.float()
+        else:
+            m = -(8.0 if zero == "none" else qw.zeros.float()) * sc
+    m = m.contiguous()
+    desc = _Q4(qw.qweight.data_ptr(), sc.data_ptr(), m.data_ptr(), qw.group_size,
+               2 if sc.dtype == torch.float16 else 0)  # fmt: skip
+    desc._keep = (sc, m, qw.qweight)  # what the pointers point into
+    _Q4_CACHE[qw] = (key, desc)
+    return desc
+
+
+def _quant_args(qw: QuantWeight) -> tuple[int, int, int | None, Tensor | None]:
+    """(weight pointer, wfmt, column-scale pointer, what must stay alive) for the kernel."""
+    if qw.fmt == "int8":
+        cs = _f32(qw.scales)
+        return qw.qweight.data_ptr(), 1, cs.data_ptr(), cs
+    desc = _q4(qw)
+    return ctypes.addressof(desc), 2, None, None
+
+
 def quant_project(
     x: Tensor,
     qw: QuantWeight,
@@ -938,13 +1098,14 @@ def quant_project(
     scale: Tensor | None = None,
     act: str | None = None,
 ) -> Tensor:
-    """The dispatcher's quantized-kernel call on the CPU, int8 weights only: ``x @ W``
-    with each segment's input sparsified by its threshold (None: keep every channel),
-    or with ``act``, ``act(gate) * up`` of a ``[gate | up]`` weight.  Codes are read as
-    rows like float weights and the per-column scales applied to the finished sums."""
+    """The dispatcher's quantized-kernel call on the CPU: ``x @ W`` with each segment's
+    input sparsified by its threshold (None: keep every channel), or with ``act``,
+    ``act(gate) * up`` of a ``[gate | up]`` weight.  int8 codes are read as rows like
+    float weights and the per-column scales applied to the finished sums; int4 codes are
+    summed group by group, each group's sums then scaled and offset."""
     lib = _native()
-    if lib is None or qw.fmt != "int8":
-        raise ValueError("the native CPU kernel takes int8 weights only (and needs a compiler)")
+    if lib is None:
+        raise ValueError("the native CPU kernel needs a C++ compiler")
     if not (x.is_cpu and qw.qweight.is_cpu and qw.qweight.is_contiguous()):
         raise ValueError("the cpu quantized kernel needs CPU tensors and contiguous codes")
     K, N = qw.shape
@@ -954,10 +1115,11 @@ def quant_project(
     dtype = _DTYPE_CODE[x.dtype]
     lists = 2 if act is not None else len(splits)
     thr = _f32(thresholds) if thresholds is not None else torch.full((lists,), -torch.inf)
-    sc, cs = _f32(scale), _f32(qw.scales)
+    sc = _f32(scale)
     sc_ptr = sc.data_ptr() if sc is not None else None
-    args = (rows.data_ptr(), rows.shape[0], rows.stride(0), rows.stride(1), sc_ptr,
-            qw.qweight.data_ptr(), 1, cs.data_ptr(), K)  # fmt: skip
+    w_ptr, wfmt, cs_ptr, _alive = _quant_args(qw)
+    args = (rows.data_ptr(), rows.shape[0], rows.stride(0), rows.stride(1), sc_ptr, w_ptr,
+            wfmt, cs_ptr, K)  # fmt: skip
     if act is not None:
         out = torch.empty((*x.shape[:-1], N // 2), dtype=x.dtype)
         rc = lib.teal_gate_up(*args, N // 2, dtype, thr.data_ptr(), _ACT_CODE[act],
@@ -967,7 +1129,7 @@ def quant_project(
         rc = lib.teal_project(*args, N, dtype, len(splits), _bounds(splits).data_ptr(),
                               thr.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
     if rc:
-        raise RuntimeError(f"the native int8 kernel failed with code {rc}")
+        raise RuntimeError(f"the native {qw.fmt} kernel failed with code {rc}")
     return out
 
 
@@ -1253,7 +1415,7 @@ class _BlockPlan(ctypes.Structure):
     _fields_ = [
         *((name, ctypes.c_int64) for name in (
             "dtype", "dim", "heads", "kv_heads", "head_dim", "ffn", "cache_len", "window",
-            "act", "int8")),
+            "act", "wfmt")),
         *((name, ctypes.c_void_p) for name in (
             "attn_norm", "wqkv", "bqkv", "wo", "ffn_norm", "w_gate_up", "w_down", "k_cache",
             "v_cache", "thr", "s_attn_in", "s_attn_out", "s_mlp_in", "s_mlp_mid", "c_qkv",
@@ -1270,12 +1432,15 @@ def _projection_weights(block) -> list:  # noqa: ANN001
 
 
 def _plan_tensors(block) -> list[Tensor]:  # noqa: ANN001
-    """The tensors of ``block`` a plan points into (weights, or an int8 weight's codes
-    and column scales; norms; the cache)."""
+    """The tensors of ``block`` a plan points into (weights, or a quantized weight's
+    codes, scales and zero points; norms; the cache)."""
     attn = block.attention
     ts = [block.attention_norm.weight, block.ffn_norm.weight]
     for w in _projection_weights(block):
-        ts += [w.qweight, w.scales] if isinstance(w, QuantWeight) else [w]
+        if isinstance(w, QuantWeight):
+            ts += [w.qweight, w.scales] + ([w.zeros] if w.zeros is not None else [])
+        else:
+            ts.append(w)
     if attn.kv_cache is not None:
         ts += [attn.kv_cache.k, attn.kv_cache.v]
     if attn.bqkv is not None:
@@ -1285,8 +1450,8 @@ def _plan_tensors(block) -> list[Tensor]:  # noqa: ANN001
 
 def _plan_inputs(block, thresholds: Tensor, scales) -> list[Tensor] | None:  # noqa: ANN001
     """Every tensor a ``_BlockPlan`` of ``block`` points into, or None where the fused
-    step does not apply: int4 (or mixed) weights, non-contiguous weights, CATS, no
-    cache, a dtype or activation without a kernel."""
+    step does not apply: mixed weight formats, non-contiguous weights, CATS, no cache, a
+    dtype or activation without a kernel."""
     act = block.mlp.act
     if (
         block.attention.kv_cache is None
@@ -1295,17 +1460,22 @@ def _plan_inputs(block, thresholds: Tensor, scales) -> list[Tensor] | None:  # n
     ):
         return None
     weights = _projection_weights(block)
-    quant = [isinstance(w, QuantWeight) for w in weights]
-    if any(quant) and not (all(quant) and all(w.fmt == "int8" for w in weights)):
+    fmts = {w.fmt if isinstance(w, QuantWeight) else None for w in weights}
+    if len(fmts) != 1:
         return None
     ts = _plan_tensors(block)
     dtype = ts[0].dtype
-    codes = {id(w.qweight) for w in weights if isinstance(w, QuantWeight)}
-    column = {id(w.scales) for w in weights if isinstance(w, QuantWeight)}
+    quant = [w for w in weights if isinstance(w, QuantWeight)]
+    codes = {id(w.qweight): w.qweight.dtype for w in quant}
+    # int8 column scales are fp32; int4 scales and zero points are converted by _q4.
+    other = {id(t) for w in quant for t in (w.scales, w.zeros) if t is not None}
 
     def fits(t: Tensor) -> bool:
-        want = torch.int8 if id(t) in codes else torch.float32 if id(t) in column else dtype
-        return isinstance(t, Tensor) and t.dtype == want and t.is_cpu and t.is_contiguous()
+        if not (isinstance(t, Tensor) and t.is_cpu and t.is_contiguous()):
+            return False
+        if id(t) in other:
+            return True
+        return t.dtype == codes.get(id(t), dtype)
 
     if dtype not in _DTYPE_CODE or not all(fits(t) for t in ts):
         return None
@@ -1320,23 +1490,26 @@ def _block_plan(block, thresholds: Tensor, scales) -> tuple[_BlockPlan, list[Ten
     sc = {site: _f32(t) for site, t in (scales or {}).items()}
     bounds = _bounds(attn.splits)
     weights = _projection_weights(block)
-    int8 = isinstance(weights[0], QuantWeight)
 
     def ptr(t: Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
-    codes = [ptr(w.qweight) if int8 else ptr(w) for w in weights]
-    col = [ptr(w.scales) if int8 else None for w in weights]
+    if isinstance(weights[0], QuantWeight):
+        args = [_quant_args(w) for w in weights]
+        codes, wfmt, col = [a[0] for a in args], args[0][1], [a[2] for a in args]
+        alive = [a[3] for a in args] + [_q4(w) for w in weights if w.fmt == "int4"]
+    else:
+        codes, wfmt, col, alive = [ptr(w) for w in weights], 0, [None] * 4, []
     plan = _BlockPlan(
         _DTYPE_CODE[block.attention_norm.weight.dtype], cfg.dim, cfg.n_heads, cfg.n_kv_heads,
         cfg.head_dim, cfg.ffn_dim, cache.k.shape[2], cfg.sliding_windows[attn.layer] or 0,
-        _ACT_CODE[mlp.act], int(int8), ptr(block.attention_norm.weight), codes[0],
+        _ACT_CODE[mlp.act], wfmt, ptr(block.attention_norm.weight), codes[0],
         ptr(attn.bqkv), codes[1], ptr(block.ffn_norm.weight), codes[2], codes[3],
         ptr(cache.k), ptr(cache.v), ptr(thr), ptr(sc.get("attn_in")), ptr(sc.get("attn_out")),
         ptr(sc.get("mlp_in")), ptr(sc.get("mlp_mid")), *col, ptr(bounds),
         block.attention_norm.eps, cfg.head_dim**-0.5,
     )  # fmt: skip
-    return plan, [thr, bounds, *sc.values()]
+    return plan, [thr, bounds, *sc.values(), *alive]
 
 
 # The one-call step's plans of each model's blocks (a ``_StepPlans``), keyed by the

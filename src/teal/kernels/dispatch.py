@@ -107,13 +107,15 @@ def _quant_kernel(
 ) -> Callable[..., Tensor] | None:
     """The quantized kernel for this call, or None for the reference (dequantize, then
     matmul).  Dense calls on the GPU use the kernels too (threshold None): there is no
-    cuBLAS for these formats; prefill (many rows) dequantizes.  The CPU backend has a
-    kernel for int8 only."""
+    cuBLAS for these formats; prefill (many rows) dequantizes."""
     if sparse is not None:
         if sparse.pos_mask is not None or sparse.backend not in ("triton", "cpu"):
             return None
-        if sparse.backend == "cpu" and wt.fmt != "int8":
-            return None
+        if sparse.backend == "cpu":
+            from teal.kernels import cpu
+
+            if cpu.implementation() != "native":  # no compiler: the reference it is
+                return None
         return load_quant_backend(sparse.backend)
     if not (x.is_cuda and x.numel() // x.shape[-1] <= 64):
         return None
@@ -279,8 +281,8 @@ def lm_head(h: Tensor, weight: Tensor, backend: str) -> Tensor:
     one thread, and the head is a sixth of a small model's bytes per token.  A quantized
     head (``QuantWeight``, input-major) runs like a dense quantized projection."""
     if isinstance(weight, QuantWeight):
-        if backend == "cpu" and weight.fmt == "int8" and h.shape[-2] == 1 and not h.is_cuda:
-            # int8 codes streamed by the CPU kernel (every channel kept), not dequantized.
+        if backend == "cpu" and h.shape[-2] == 1 and not h.is_cuda:
+            # Codes streamed by the CPU kernel (every channel kept), not dequantized.
             return load_quant_backend("cpu")(h, weight, None, (weight.shape[1],))
         return project(h, weight, None, None, slice(0, 1), (weight.shape[1],), "head")
     if backend == "cpu" and h.device.type == "cpu" and h.shape[-2] == 1:

@@ -13,8 +13,9 @@ epilogue run in one launch; ``thresholds=None`` is the dense call (every channel
   kept rows end in the compacted list and the sum of its kept inputs.  The walk goes
   group by group: it loads the group's scale (and zero point) row for the program's
   columns once, accumulates ``x * q`` over the group's kept rows in raw codes, then adds
-  ``s * acc - s * z * sum(x)``.  A group with no kept row costs two scalar loads and its
-  scale row.  Codes become floats through the mantissa of 2^23 (no I2F instruction).
+  ``s * acc - s * z * sum(x)`` (float offsets, GGUF's Q4_1: ``s * acc + m * sum(x)``).
+  A group with no kept row costs two scalar loads and its scale row.  Codes become
+  floats through the mantissa of 2^23 (no I2F instruction).
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ def _walk_q4(
     USE_DOT: tl.constexpr,
     F32_DOT: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    ZERO_F: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -190,12 +192,19 @@ def _walk_q4(
         smask = nmask & (g < n_grp)
         s_lo = tl.load(s_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
         s_hi = tl.load(s_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
+        # zs: what multiplies -sum(x) of the group: z * s (zero point codes, 8 * s
+        # without), or -m for float offsets (w = q * s + m).
+        if ZERO_F:
+            zs_lo = -tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
+            zs_hi = -tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
+        elif HAS_ZERO:
             z_lo = _i4f(tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0).to(tl.int32))
             z_hi = _i4f(tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0).to(tl.int32))
+            zs_lo = z_lo * s_lo
+            zs_hi = z_hi * s_hi
         else:
-            z_lo = tl.full((BLOCK_H,), 8.0, tl.float32)
-            z_hi = tl.full((BLOCK_H,), 8.0, tl.float32)
+            zs_lo = 8.0 * s_lo
+            zs_hi = 8.0 * s_hi
         g_lo = tl.zeros_like(acc_lo)
         g_hi = tl.zeros_like(acc_hi)
         rows = tl.load(idx_ptr + lo + offs_r, mask=lo + offs_r < hi, other=0)
@@ -234,17 +243,17 @@ def _walk_q4(
                     g_lo, g_hi = _q4_math(
                         p, val_ptr, r, hi, B, g_lo, g_hi, BB, KC, USE_DOT, F32_DOT
                     )
-        # (q - z) * s summed with x: s * sum(x q) - s * z * sum(x).
+        # (q - z) * s summed with x: s * sum(x q) - s * z * sum(x) (offsets: + m * sum(x)).
         if USE_DOT:
             xs = tl.load(gsum_ptr + b * NG + gi, mask=b < B, other=0.0)
-            acc_lo += g_lo * s_lo[None, :] - xs[:, None] * (z_lo * s_lo)[None, :]
-            acc_hi += g_hi * s_hi[None, :] - xs[:, None] * (z_hi * s_hi)[None, :]
+            acc_lo += g_lo * s_lo[None, :] - xs[:, None] * zs_lo[None, :]
+            acc_hi += g_hi * s_hi[None, :] - xs[:, None] * zs_hi[None, :]
         else:
             xs = tl.load(gsum_ptr + gi)
             acc_lo += g_lo * s_lo[None, :]
             acc_hi += g_hi * s_hi[None, :]
-            accz_lo -= xs * z_lo * s_lo
-            accz_hi -= xs * z_hi * s_hi
+            accz_lo -= xs * zs_lo
+            accz_hi -= xs * zs_hi
     if USE_DOT:
         return acc_lo, acc_hi
     else:
@@ -296,6 +305,7 @@ def _q4_kernel(
     ACT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    ZERO_F: tl.constexpr,
     BB: tl.constexpr,
     KC: tl.constexpr,
     G: tl.constexpr,
@@ -347,13 +357,15 @@ def _q4_kernel(
             q_ptr, stride_qk, o, nmask, sc_ptr, z_ptr, stride_s, c_lo, c_hi,
             idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, gend_ptr + slot0 * NG,
             gsum_ptr + slot0 * BB * NG, g0, n_grp, B,
-            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, PREFETCH, INTERPRET,
+            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, ZERO_F, PREFETCH,
+            INTERPRET,
         )  # fmt: skip
         b_lo, b_hi = _walk_q4(
             q_ptr, stride_qk, H0 + o, nmask, sc_ptr, z_ptr, stride_s, u_lo, u_hi,
             idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, gend_ptr + slot1 * NG,
             gsum_ptr + slot1 * BB * NG, g0, n_grp, B,
-            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, PREFETCH, INTERPRET,
+            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, ZERO_F, PREFETCH,
+            INTERPRET,
         )  # fmt: skip
     else:
         seg, blk, bcol0, half = _segment(pid_n, H0, H1, H2, H3, NSEG, BLOCK_H)
@@ -375,7 +387,8 @@ def _q4_kernel(
             q_ptr, stride_qk, bcol0 + o, nmask, sc_ptr, z_ptr, stride_s, c_lo, c_hi,
             idx_ptr + slot * KC, val_ptr + slot * BB * KC, gend_ptr + slot * NG,
             gsum_ptr + slot * BB * NG, g0, n_grp, B,
-            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, PREFETCH, INTERPRET,
+            BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, ZERO_F, PREFETCH,
+            INTERPRET,
         )  # fmt: skip
         b_lo = a_lo  # unused
         b_hi = a_hi
@@ -457,6 +470,8 @@ def _launch_q4(
         raise ValueError(f"scales must be [{n_grp}, {n}], got {tuple(scales.shape)}")
     if zeros is not None and (zeros.shape != scales.shape or zeros.stride() != scales.stride()):
         raise ValueError("zeros must have the shape and strides of scales")
+    if zeros is not None and zeros.dtype != torch.uint8 and not zeros.is_floating_point():
+        raise ValueError(f"zeros must be uint8 codes or float offsets, got {zeros.dtype}")
     if g & (g - 1) or not 16 <= g <= 256:
         raise ValueError(f"group_size must be a power of two in 16..256, got {g}")
     if x.shape[-1] != k:
@@ -542,6 +557,7 @@ def _launch_q4(
         ACT=ACTS[act] if pair else 0,
         HAS_SCALE=scale is not None,
         HAS_ZERO=zeros is not None,
+        ZERO_F=zeros is not None and zeros.is_floating_point(),
         BB=bb,
         KC=kc,
         G=g,

@@ -354,10 +354,11 @@ class Transformer(nn.Module):
             place_weights(self)  # weights on huge pages: fewer TLB misses per kept row
         self.sparse_backend = backend
 
-    def quantize(self, fmt: str, group_size: int = 128, zero_point: bool = True,
+    def quantize(self, fmt: str, group_size: int = 128, zero_point: bool | str = True,
                  lm_head: bool = True):  # fmt: skip
-        """Weight-only int8 / int4 projections (and ``lm_head``), in place; see
-        ``teal.model.quant``.  Returns the ``QuantConfig``."""
+        """Weight-only int8 / int4 projections (and ``lm_head``), in place, or ``"gguf"``:
+        the GGUF file's own Q4_0 / Q4_1 weights; see ``teal.model.quant``.  Returns the
+        ``QuantConfig``."""
         from teal.model.quant import quantize_model
 
         return quantize_model(self, fmt, group_size, zero_point, lm_head)

@@ -35,7 +35,7 @@ from teal.model.config import ModelConfig, llama3_inv_freq_scale
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Checkpoint", "expected_shapes", "open_checkpoint", "unpermute_rope"]
+__all__ = ["Checkpoint", "Q4Blocks", "expected_shapes", "open_checkpoint", "unpermute_rope"]
 
 
 class _TensorReader(Protocol):
@@ -65,6 +65,12 @@ class Checkpoint:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         return self._reader.get_tensor(name)
+
+    def q4_blocks(self, name: str) -> Q4Blocks | None:
+        """A GGUF tensor stored as Q4_0 or Q4_1, as its own 4-bit codes and block scales
+        (rows un-permuted like :meth:`get_tensor`'s); None for any other storage."""
+        q4 = getattr(self._reader, "q4_blocks", None)
+        return None if q4 is None else q4(name)
 
     def close(self) -> None:
         self._reader.close()
@@ -448,6 +454,37 @@ class _GgufTensor:
     nbytes: int
 
 
+Q4_BLOCK = 32  # weights per Q4_0 / Q4_1 block, along the input dimension
+
+
+@dataclass(frozen=True)
+class Q4Blocks:
+    """A Q4_0 / Q4_1 tensor ``[out, in]`` as stored: ``w = codes * scales + offsets`` per
+    block of 32 input channels (Q4_0: ``offsets = -8 * scales``, kept None).
+
+    ``codes`` uint8 ``[out, in]`` (0..15), ``scales`` / ``offsets`` fp16 ``[out, in/32]``
+    (the file's own values, so the weights they give are bit for bit the file's)."""
+
+    qtype: str
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+
+
+def decode_q4(raw: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """ggml Q4_0 / Q4_1 rows ``[rows, bytes]`` -> codes ``[rows, in]``, fp16 ``d`` and
+    (Q4_1) ``m`` ``[rows, in/32]``. A block is ``d`` (fp16), for Q4_1 ``m`` (fp16), then 16
+    bytes whose low nibbles are weights 0..15 of the block and high nibbles 16..31."""
+    head = {"Q4_0": 2, "Q4_1": 4}[qtype]
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, head + Q4_BLOCK // 2)
+    d = np.ascontiguousarray(blocks[..., 0:2]).view("<f2")[..., 0]
+    m = np.ascontiguousarray(blocks[..., 2:4]).view("<f2")[..., 0] if head == 4 else None
+    qs = blocks[..., head:]
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(rows, -1)
+    return codes, d, m
+
+
 class _GgufFile:
     """A GGUF file's metadata and tensor table, parsed with bounds checks on every read.
 
@@ -563,10 +600,9 @@ class _GgufFile:
                 )
             self.tensors[name] = _GgufTensor(name, dims, qtype, start, nbytes)
 
-    def read(self, name: str) -> np.ndarray:
-        """A tensor as float32, in numpy (row-major) order: shape = reversed ggml dims."""
+    def read_raw(self, name: str) -> tuple[Any, np.ndarray]:
+        """A tensor's ggml type and its stored bytes, ``[*reversed dims[1:], row bytes]``."""
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-        from gguf.quants import dequantize
 
         t = self.tensors[name]
         qtype = GGMLQuantizationType(t.qtype)
@@ -576,7 +612,13 @@ class _GgufFile:
         self._fh.seek(t.start)
         if self._fh.readinto(memoryview(raw)) != t.nbytes:
             raise CorruptCheckpointError(f"{self.path} became shorter while it was being read")
-        raw = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
+        return qtype, raw.reshape(*shape[:-1], shape[-1] // block * type_size)
+
+    def read(self, name: str) -> np.ndarray:
+        """A tensor as float32, in numpy (row-major) order: shape = reversed ggml dims."""
+        from gguf.quants import dequantize
+
+        qtype, raw = self.read_raw(name)
         out = dequantize(raw, qtype)
         # F32 comes back as a view of ``raw``, already our own memory.
         return np.asarray(out, dtype=np.float32)
@@ -678,6 +720,17 @@ class _GgufReader:
         if name in self._heads:
             w = unpermute_rope(w, self._heads[name]).contiguous()
         return w
+
+    def q4_blocks(self, name: str) -> Q4Blocks | None:
+        if name not in self._to_gguf:
+            raise KeyError(f"no tensor {name!r} in this checkpoint")
+        qtype, raw = self._file.read_raw(self._to_gguf[name])
+        if qtype.name not in ("Q4_0", "Q4_1") or raw.ndim != 2:
+            return None
+        parts = [torch.from_numpy(a) for a in decode_q4(raw, qtype.name) if a is not None]
+        if name in self._heads:  # output rows: the same permutation as the weights'
+            parts = [unpermute_rope(a, self._heads[name]).contiguous() for a in parts]
+        return Q4Blocks(qtype.name, *parts, *([None] if len(parts) == 2 else []))
 
     def close(self) -> None:
         self._file.close()

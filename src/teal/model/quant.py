@@ -13,8 +13,11 @@ Layouts (``K`` input channels, ``N`` output channels; ``wt = W^T`` is ``[K, N]``
   ``w[k, n] = q[k, n] * s[n]``.  A kept input channel is one contiguous row of ``N``
   bytes; the per-output scale factors out of the sum and is applied once per output.
 * ``int4``: ``qweight`` uint8 ``[K, N/2]``, two output columns per byte, ``scales``
-  ``[ceil(K/G), N]`` in the model's dtype, ``zeros`` uint8 ``[ceil(K/G), N]`` (or none:
-  symmetric, zero point 8): ``w[k, n] = (q[k, n] - z[k//G, n]) * s[k//G, n]``.
+  ``[ceil(K/G), N]`` in the model's dtype, and ``zeros`` ``[ceil(K/G), N]`` of one of
+  three kinds (``QuantWeight.zero``): ``"code"``, uint8 zero points,
+  ``w[k, n] = (q[k, n] - z[k//G, n]) * s[k//G, n]``; ``"offset"``, float offsets,
+  ``w = q * s + m`` (GGUF's Q4_1; ``m`` need not be a multiple of ``s``, so the range
+  need not include 0); ``"none"`` (``zeros`` None), symmetric, zero point 8 (Q4_0).
 
 Why two *output* columns per byte and not two input channels: activation sparsity drops
 input channels, i.e. rows of ``W^T``.  Packing along ``K`` puts channels ``2i`` and
@@ -33,7 +36,9 @@ and stores, no shuffles.  Segments are packed apart so that each keeps its own t
 (gate and up may differ) and its kept rows are read for it alone.
 
 The quantizers are plain round-to-nearest (no calibration data): min/max per group with
-a zero point (default) or absmax per group/channel.  Calibration of the sparsity
+a zero point (default) or an offset, or absmax per group/channel.  A GGUF file's own
+Q4_0 / Q4_1 weights are repacked as they are (``quantize_model(model, "gguf")``): groups
+of 32, the file's fp16 scales and offsets, no second rounding.  Calibration of the sparsity
 thresholds stays with the unquantized model: quantize after ``Calibration`` and the
 method tables are made (they read the float weights); the model's fingerprint is kept,
 so the same calibration file applies.
@@ -48,6 +53,7 @@ from torch import Tensor, nn
 
 FORMATS = ("int8", "int4")
 GROUP_SIZES = (16, 32, 64, 128, 256)
+ZERO_KINDS = ("code", "offset", "none")
 
 
 class QuantWeight(nn.Module):
@@ -74,10 +80,16 @@ class QuantWeight(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
 
+    @property
+    def zero(self) -> str:
+        """int4 zero kind: ``"code"`` (uint8 zero points), ``"offset"`` (float), ``"none"``."""
+        if self.zeros is None:
+            return "none"
+        return "offset" if self.zeros.is_floating_point() else "code"
+
     def extra_repr(self) -> str:
-        g = f", group_size={self.group_size}" if self.fmt == "int4" else ""
-        z = ", zero_point" if self.zeros is not None else ""
-        return f"{self.fmt}, shape={tuple(self.shape)}, splits={self.splits}{g}{z}"
+        g = f", group_size={self.group_size}, zero={self.zero}" if self.fmt == "int4" else ""
+        return f"{self.fmt}, shape={tuple(self.shape)}, splits={self.splits}{g}"
 
     @property
     def nbytes(self) -> int:
@@ -95,9 +107,13 @@ class QuantWeight(nn.Module):
         k, n = self.shape
         g = self.group_size
         q = _pad_rows(unpack_int4(self.qweight, self.splits).float(), g).view(-1, g, n)
-        z = 8.0 if self.zeros is None else self.zeros.float()[:, None, :]
-        w = ((q - z) * self.scales.float()[:, None, :]).reshape(-1, n)[:k]
-        return w.to(dtype)
+        s = self.scales.float()[:, None, :]
+        if self.zero == "offset":
+            w = q * s + self.zeros.float()[:, None, :]
+        else:
+            z = 8.0 if self.zeros is None else self.zeros.float()[:, None, :]
+            w = (q - z) * s
+        return w.reshape(-1, n)[:k].to(dtype)
 
 
 def _pad_rows(t: Tensor, g: int) -> Tensor:
@@ -147,22 +163,34 @@ def quantize_int8(wt: Tensor, splits: tuple[int, ...] | None = None) -> QuantWei
     return QuantWeight("int8", q.contiguous(), s, None, (k, n), _check_splits(n, splits))
 
 
+def _zero_kind(zero_point: bool | str) -> str:
+    if zero_point is True:
+        return "code"
+    if zero_point is False:
+        return "none"
+    if zero_point not in ZERO_KINDS:
+        raise ValueError(f"zero_point must be one of {ZERO_KINDS} (or a bool), got {zero_point!r}")
+    return zero_point
+
+
 def quantize_int4(
     wt: Tensor,
     group_size: int = 128,
     splits: tuple[int, ...] | None = None,
-    zero_point: bool = True,
+    zero_point: bool | str = True,
     scale_dtype: torch.dtype | None = None,
 ) -> QuantWeight:
     """int4 in groups of ``group_size`` input channels, per output channel.
 
-    ``zero_point``: ``s = (max - min) / 15``, ``z = round(-min / s)`` (the range
-    stretched to include 0); else symmetric
+    ``zero_point`` ``"code"`` (or True): ``s = (max - min) / 15``, ``z = round(-min / s)``
+    (the range stretched to include 0); ``"offset"``: ``s = (max - min) / 15`` and the
+    offset ``min`` itself, stored like the scales; ``"none"`` (or False): symmetric
     ``s = max |w| / 7`` with the zero point 8.  Scales are stored in ``scale_dtype``
-    (default: the weight's dtype) and the codes are computed against the stored value.
+    (default: the weight's dtype) and the codes are computed against the stored values.
     """
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    zero = _zero_kind(zero_point)
     k, n = wt.shape
     splits = _check_splits(n, splits)
     sdt = scale_dtype or wt.dtype
@@ -172,13 +200,19 @@ def quantize_int4(
         # Padding rows repeat the group's first row, so they do not widen its range.
         last = (k // g) * g
         w[-1, k - last :] = w[-1, :1]
-    if zero_point:
+    if zero == "code":
         # The range includes 0 so that the zero point is a code (0..15).
         lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
         s = ((hi - lo) / 15.0).clamp(min=1e-8).to(sdt).float()
         z = torch.round(-lo / s).clamp(0, 15)
         q = torch.round(w / s[:, None, :] + z[:, None, :]).clamp(0, 15)
         zeros = z.to(torch.uint8).contiguous()
+    elif zero == "offset":
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+        s = ((hi - lo) / 15.0).clamp(min=1e-8).to(sdt).float()
+        m = lo.to(sdt).float()
+        q = torch.round((w - m[:, None, :]) / s[:, None, :]).clamp(0, 15)
+        zeros = m.to(sdt).contiguous()
     else:
         s = (w.abs().amax(dim=1) / 7.0).clamp(min=1e-8).to(sdt).float()
         q = torch.round(w / s[:, None, :]).clamp(-8, 7) + 8
@@ -194,7 +228,7 @@ def quantize(
     fmt: str,
     group_size: int = 128,
     splits: tuple[int, ...] | None = None,
-    zero_point: bool = True,
+    zero_point: bool | str = True,
 ) -> QuantWeight:
     if fmt == "int8":
         return quantize_int8(wt, splits)
@@ -205,17 +239,20 @@ def quantize(
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What ``quantize_model`` did (``model.quant``; ``teal bench`` reports ``fmt``)."""
+    """What ``quantize_model`` did (``model.quant``; ``teal bench`` reports ``label()``)."""
 
     fmt: str
     group_size: int | None = None
-    zero_point: bool = False
+    zero: str | None = None  # int4: "code" | "offset" | "none"
     lm_head: bool = True
+    source: str = "rtn"  # "rtn": rounded here; "gguf": the checkpoint's own 4-bit blocks
 
     def label(self) -> str:
         if self.fmt == "int8":
             return "int8"
-        return f"int4-g{self.group_size}" + ("" if self.zero_point else "-sym")
+        if self.source == "gguf":
+            return f"int4-g{self.group_size}-gguf"
+        return f"int4-g{self.group_size}" + {"code": "", "offset": "-offset"}.get(self.zero, "-sym")
 
 
 def _replace(module: nn.Module, name: str, value: nn.Module) -> None:
@@ -226,20 +263,34 @@ def _replace(module: nn.Module, name: str, value: nn.Module) -> None:
     setattr(module, name, value)
 
 
+def _load_quant_backend(model) -> None:
+    if model.device.type == "cuda":
+        # Import the kernels now: a compiled decode step cannot run an import.
+        from teal.kernels.dispatch import load_quant_backend
+
+        load_quant_backend("triton")
+
+
 @torch.no_grad()
 def quantize_model(
     model,
     fmt: str,
     group_size: int = 128,
-    zero_point: bool = True,
+    zero_point: bool | str = True,
     lm_head: bool = True,
 ) -> QuantConfig:
     """Replace the seven projections (and ``lm_head``) of ``model`` by quantized
-    weights, one tensor at a time (the float copy is freed as it goes)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown quantization {fmt!r}: expected int8 or int4")
+    weights, one tensor at a time (the float copy is freed as it goes).
+
+    ``fmt`` ``"gguf"``: keep the 4-bit weights of the GGUF file the model was loaded
+    from (:func:`repack_gguf`); ``group_size`` and ``zero_point`` do not apply."""
     if getattr(model, "quant", None) is not None:
         raise ValueError(f"the model is already quantized ({model.quant.label()})")
+    if fmt == "gguf":
+        return repack_gguf(model, lm_head)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantization {fmt!r}: expected int8, int4 or gguf")
+    zero = _zero_kind(zero_point) if fmt == "int4" else None
     cfg = model.config
     for block in model.layers:
         att, mlp = block.attention, block.mlp
@@ -254,12 +305,115 @@ def quantize_model(
         # table for the lookup.
         head = model.tok_embeddings.weight if model.lm_head is None else model.lm_head
         _replace(model, "lm_head", quantize(head.t(), fmt, group_size, None, zero_point))
-    qc = QuantConfig(fmt, group_size if fmt == "int4" else None, fmt == "int4" and zero_point,
-                     lm_head)  # fmt: skip
+    qc = QuantConfig(fmt, group_size if fmt == "int4" else None, zero, lm_head)
     model.quant = qc
-    if model.device.type == "cuda":
-        # Import the kernels now: a compiled decode step cannot run an import.
-        from teal.kernels.dispatch import load_quant_backend
+    _load_quant_backend(model)
+    return qc
 
-        load_quant_backend("triton")
+
+# ----------------------------------------------------------------- GGUF repacking
+
+
+def _repack(blocks: list, splits: tuple[int, ...]) -> QuantWeight:
+    """Q4 blocks of the parts of one buffer (``[out_i, K]`` each, stacked along the
+    output) -> one int4 ``QuantWeight`` ``[K, sum out_i]`` with groups of 32."""
+    codes = torch.cat([b.codes for b in blocks]).t().contiguous()
+    scales = torch.cat([b.scales for b in blocks]).t().contiguous()
+    if all(b.offsets is None for b in blocks):
+        zeros = None  # all Q4_0: the symmetric format, zero point 8
+    else:
+        # Q4_0 parts join as offsets -8 d (exact in fp16).
+        zeros = torch.cat([b.scales * -8 if b.offsets is None else b.offsets for b in blocks])
+        zeros = zeros.t().contiguous()
+    k, n = codes.shape
+    return QuantWeight("int4", pack_int4(codes, splits), scales, zeros, (k, n), splits, 32)
+
+
+def _check_same(name: str, qw: QuantWeight, wt: Tensor, source: str) -> None:
+    """The repacked weight must be the one the model holds (up to the model's rounding)."""
+    if tuple(qw.shape) != tuple(wt.shape):
+        raise ValueError(f"{name}: {source} holds {tuple(qw.shape)}, the model {tuple(wt.shape)}")
+    ref = wt.float()
+    eps = torch.finfo(wt.dtype).eps
+    bad = (qw.dequantize(torch.float32) - ref).abs() > ref.abs() * eps + 1e-6
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name}: the model's weights are not those stored in {source} (changed since "
+            "loading?); reload the model, or use int4 to quantize the weights it holds"
+        )
+
+
+@torch.no_grad()
+def repack_gguf(model, lm_head: bool = True) -> QuantConfig:
+    """Keep the GGUF file's own Q4_0 / Q4_1 weights: repack them into the int4 layout
+    (groups of 32, the file's fp16 scales, Q4_1's offsets) instead of rounding the
+    dequantized weights a second time.  The seven projections of every block must be
+    Q4_0 or Q4_1.  ``lm_head`` is repacked when it is too; stored otherwise (the default
+    model ties it to a Q8_0 embedding) it becomes int8 per output channel, as
+    ``quantize_model(..., "int8")`` makes it (a Q8_0 head moves by at most half a step of
+    its row's scale; on the default model the head is half the bytes of a 4-bit step,
+    so left in float it would cap the speed-up); ``lm_head=False`` keeps it in float.
+    Each repacked weight is checked against the model's own copy before it replaces it."""
+    from teal.model.loaders import open_checkpoint
+
+    source = getattr(model, "source", None) or ""
+    if not source.endswith(".gguf"):
+        raise ValueError(
+            f"gguf keeps the 4-bit weights of a GGUF file; this model was loaded from "
+            f"{source or 'no file'}: use int4 or int8 instead"
+        )
+    cfg = model.config
+    with open_checkpoint(source) as ckpt:
+
+        def blocks(name: str):  # noqa: ANN202
+            b = ckpt.q4_blocks(name)
+            if b is None:
+                raise ValueError(
+                    f"{name} is not stored as Q4_0 or Q4_1 in {source}; only those are "
+                    "repacked (use int4 to quantize the model's weights instead)"
+                )
+            return b
+
+        new = []
+        for i, block in enumerate(model.layers):
+            p = f"model.layers.{i}."
+            att, mlp = block.attention, block.mlp
+            for mod, attr, names, splits in (
+                (att, "wqkv", ("q", "k", "v"), att.splits),
+                (att, "wo", ("o",), None),
+                (mlp, "w_gate_up", ("gate", "up"), (cfg.ffn_dim, cfg.ffn_dim)),
+                (mlp, "w_down", ("down",), None),
+            ):
+                parts = [
+                    blocks(
+                        p
+                        + ("self_attn." if n in ("q", "k", "v", "o") else "mlp.")
+                        + n
+                        + "_proj.weight"
+                    )  # fmt: skip
+                    for n in names
+                ]
+                wt = getattr(mod, attr)
+                qw = _repack(parts, splits or (wt.shape[1],))
+                _check_same(f"layer {i} {attr}", qw, wt, source)
+                new.append((mod, attr, qw))
+        head = None
+        if lm_head:
+            name = "lm_head.weight" if model.lm_head is not None else "model.embed_tokens.weight"
+            b = ckpt.q4_blocks(name)
+            w = model.tok_embeddings.weight if model.lm_head is None else model.lm_head
+            if b is not None:
+                head = _repack([b], (w.shape[0],))
+                _check_same("lm_head", head, w.t(), source)
+            else:
+                head = quantize_int8(w.t())
+    # Replace only once every weight is repacked and checked: an error leaves the model whole.
+    for mod, attr, qw in new:
+        _replace(mod, attr, qw.to(model.device))
+    if head is not None:
+        _replace(model, "lm_head", head.to(model.device))
+    zero = "offset" if any(qw.zero == "offset" for *_, qw in new) else "none"
+    qc = QuantConfig("int4", 32, zero, lm_head, source="gguf")
+    model.quant = qc
+    _load_quant_backend(model)
     return qc
