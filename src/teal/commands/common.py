@@ -55,11 +55,18 @@ def add_quant_args(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument(
         "--group-size", type=int, default=128, help="int4 group size (default 128; gguf: 32)"
     )
+    p.add_argument(
+        "--zero-point",
+        default="code",
+        choices=("code", "offset", "none"),
+        help="int4 zero points: code (uint8, default), offset (float, as GGUF's Q4_1) or"
+        " none (symmetric)",
+    )
 
 
 def quantize(model: Any, args: argparse.Namespace) -> None:
     """``model.quantize`` as ``--quant``/``--group-size`` ask, with one clear error."""
     try:
-        model.quantize(args.quant, group_size=args.group_size)
+        model.quantize(args.quant, group_size=args.group_size, zero_point=args.zero_point)
     except ValueError as exc:
         raise TealError(f"--quant {args.quant}: {exc}") from None
