@@ -144,6 +144,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument(
+        "--llama-weights",
+        default=None,
+        help="llama.cpp files to run, a comma list of Q4_1, F16, F32, Q8_0 (default: Q4_1,"
+        " F16, F32, and Q8_0 with --quant int8)",
+    )
+    ap.add_argument(
         "--quant",
         choices=("int8", "int4", "gguf"),
         default=None,
@@ -204,8 +210,11 @@ def main() -> None:
         from teal.data.default_model import default_model_path
 
         q4 = default_model_path()
-        files = {"Q4_1": q4}
-        for ftype in ("F16", "F32", *(("Q8_0",) if args.quant == "int8" else ())):
+        wanted = ["Q4_1", "F16", "F32", *(("Q8_0",) if args.quant == "int8" else ())]
+        if args.llama_weights:
+            wanted = [w.strip() for w in args.llama_weights.split(",")]
+        files = {"Q4_1": q4} if "Q4_1" in wanted else {}
+        for ftype in (w for w in wanted if w != "Q4_1"):
             dst = cache_dir() / "bench" / f"{q4.stem.rsplit('.', 1)[0]}.{ftype}.gguf"
             if not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)
