@@ -421,3 +421,78 @@ def test_remade_greedy_tables_remake_what_depends_on_them(setup) -> None:
     add_tables(model, copy, toks[:2000], toks[2000:], kinds=("greedy",), progress=False)
     assert torch.allclose(copy.tables["seq.delta"], cal.tables["seq.delta"], atol=1e-6)
     assert torch.allclose(copy.tables["select.nll"], cal.tables["select.nll"], atol=1e-5)
+
+
+def test_per_token_weighting_search_no_worse_than_uniform(setup) -> None:
+    """Under per-token weighting (each token's error over its dense output energy) the
+    search is still no worse than uniform by its own measure, and that measure is not
+    the absolute one (the weights differ between tokens)."""
+    model, cal, toks = setup
+    ids = allocate.held_out_windows(toks[2000:2512], 128, None)
+    inputs = allocate.capture_inputs(model, ids)
+    sites = ("attn_in",) * 3 + ("attn_out", "mlp_in", "mlp_in", "mlp_mid")
+    w, norm = allocate.token_weights(inputs[0], "per-token")
+    assert w is not None and norm == inputs[0].block_out.shape[0] * inputs[0].block_out.shape[1]
+    assert float(w.max() / w.min()) > 1.01
+    with pytest.raises(ValueError, match="per-token"):
+        allocate.token_weights(inputs[0], "relative")
+    for layer in range(model.config.n_layers):
+        levels, _ = allocate.greedy_layer(
+            model,
+            layer,
+            inputs[layer],
+            lambda j, lv, layer=layer: cal.stats.site_quantiles(layer, sites[j], lv),
+            weighting="per-token",
+        )
+        thr = cal.stats.thresholds(0.5)[layer]
+        e_abs = allocate.block_error(model, layer, inputs[layer], thr, weighting="absolute")
+        e_tok = allocate.block_error(model, layer, inputs[layer], thr, weighting="per-token")
+        assert e_abs != pytest.approx(e_tok, rel=1e-4)
+        for s in (0.25, 0.5, 0.75):
+            table = torch.zeros(model.config.n_layers, 7)
+            table[layer] = levels[round(s / allocate.DELTA)]
+            g_thr = cal.stats.thresholds(table)[layer]
+            u_thr = cal.stats.thresholds(s)[layer]
+            e_g = allocate.block_error(model, layer, inputs[layer], g_thr, weighting="per-token")
+            e_u = allocate.block_error(model, layer, inputs[layer], u_thr, weighting="per-token")
+            assert e_g <= e_u * (1 + 1e-6), (layer, s, e_g, e_u)
+
+
+def test_sparse_upstream_inputs(setup) -> None:
+    """Inputs captured in a pass that keeps every channel are the dense pass's; with
+    sparse thresholds the first block's input is unchanged (embeddings), later blocks'
+    move, and each block's output is its own dense output on the captured input."""
+    model, cal, toks = setup
+    ids = allocate.held_out_windows(toks[2000:2512], 128, None)
+    dense = allocate.capture_inputs(model, ids)
+    keep = torch.full((model.config.n_layers, 7), -1.0)
+    same = allocate.capture_sparse_inputs(model, ids, keep)
+    for a, b in zip(dense, same, strict=True):
+        for name in ("attn_x", "mlp_x", "block_in", "block_out"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name))
+    sparse = allocate.capture_sparse_inputs(model, ids, cal.stats.thresholds(0.5))
+    torch.testing.assert_close(sparse[0].block_in, dense[0].block_in)
+    assert not torch.allclose(sparse[1].block_in, dense[1].block_in)
+    # The first position stays dense (the attention sink), so it matches everywhere.
+    torch.testing.assert_close(sparse[1].block_in[:, 0], dense[1].block_in[:, 0])
+    assert model.sparse_mode == "off"
+    ref = allocate.capture_inputs(model, ids)  # the model is left as it was
+    torch.testing.assert_close(ref[1].block_out, dense[1].block_out)
+
+
+def test_greedy_tables_on_sparse_upstream_inputs(setup, monkeypatch) -> None:
+    model, cal, toks = setup
+    ids = allocate.held_out_windows(toks[2000:2512], 128, None)
+    monkeypatch.setattr(allocate, "SEARCH_INPUTS", "sparse")
+    got = allocate.greedy_tables(model, cal.stats, ids, progress=False)
+    monkeypatch.setattr(allocate, "SEARCH_INPUTS", "dense")
+    base = allocate.greedy_tables(model, cal.stats, ids, progress=False)
+    assert got["levels"].shape == base["levels"].shape
+    n = allocate.projection_sizes(model.config)
+    block = (got["levels"].double() * n).sum(-1) / n.sum()
+    torch.testing.assert_close(block, got["block_sparsity"].double().expand_as(block))
+    assert not torch.equal(got["error"], base["error"])
+    assert bool((got["sensitivity"] > 0).all())
+    monkeypatch.setattr(allocate, "SEARCH_INPUTS", "upstream")
+    with pytest.raises(ValueError, match="sparse"):
+        allocate.greedy_tables(model, cal.stats, ids, progress=False)

@@ -56,6 +56,21 @@ SENSITIVITY_LEVEL = 0.5  # the block sparsity at which layer sensitivities are m
 # search protect k and v for its sake (mean levels 12 % and 1 % at 25 %) and cost
 # perplexity at every level in both protocols (README, 2026-12-01 third session).
 DENSE_FIRST = True
+# How a token's output error counts in the search.  "absolute": squared error summed
+# over tokens, so tokens whose residual stream is large dominate.  "per-token": each
+# token's squared error divided by its dense block output's squared norm; the next
+# block reads RMSNorm(h + e), which moves by about e / rms(h), so this is the error in
+# the units the rest of the model sees.  Per-token measured better than absolute on the
+# default model in 7 of 8 (protocol, level) cells of greedy-layers (README, 2026-12-04).
+ERROR_WEIGHTING = "per-token"
+# Which block inputs the search sees.  "dense": those of the dense model.  "sparse":
+# those a sparse model feeds it (every earlier layer at the first search's allocation
+# for UPSTREAM_LEVEL), with the block's own dense output on them as the reference, so
+# each block is fitted to the inputs it meets at run time; the search runs twice.
+# Measured on the default model (2026-12-04): better than absolute/dense everywhere but
+# mixed against per-token/dense (4 of 8 cells), for twice the search time: off.
+SEARCH_INPUTS = "dense"
+UPSTREAM_LEVEL = 0.5
 
 _ATTN = (0, 1, 2, 3)
 _MLP = (4, 5, 6)
@@ -110,6 +125,56 @@ def capture_inputs(model, ids: Tensor) -> list[BlockInputs]:
     ]
 
 
+@torch.inference_mode()
+def capture_sparse_inputs(
+    model, ids: Tensor, thresholds: Tensor, dense_first: bool = DENSE_FIRST
+) -> list[BlockInputs]:
+    """Each block's inputs in a pass with every block sparse at ``thresholds [L, 7]``
+    (every position, the first one dense if ``dense_first``), and what the block makes
+    of its input dense: the normalised attention and MLP inputs and its output."""
+    ids = ids.to(model.device)
+    block_in: dict[int, Tensor] = {}
+
+    def hook(i: int) -> Callable:
+        def fn(module, args) -> None:
+            block_in[i] = args[0].detach().clone()
+
+        return fn
+
+    handles = [blk.register_forward_pre_hook(hook(i)) for i, blk in enumerate(model.layers)]
+    saved = (model.observer, model.sparse_mode, model.thresholds.clone(), model.sparse_scales)
+    mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    if dense_first:
+        mask[:, 0] = False
+    try:
+        model.observer = None
+        model.set_sparsity(thresholds, mode="all")
+        model(ids, sparse_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+        model.observer, model.sparse_mode = saved[0], saved[1]
+        model.thresholds.copy_(saved[2])
+        model.sparse_scales = saved[3]
+    seqlen = ids.shape[1]
+    pos = torch.arange(seqlen, device=ids.device)
+    freqs = pos.float()[:, None] * model.inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    rope = (emb.cos().to(model.dtype), emb.sin().to(model.dtype))
+    out = []
+    for i, blk in enumerate(model.layers):
+        got: dict[str, Tensor] = {}
+
+        def observe(layer, site, x, pos_mask, got: dict[str, Tensor] = got) -> None:
+            if site in ("attn_in", "mlp_in"):
+                got[site] = x.detach().float().clone()
+
+        mask_i = model._mask(pos, pos, model.config.sliding_windows[i])
+        h = blk(block_in[i], rope, mask_i, None, None, observe)
+        out.append(BlockInputs(got["attn_in"], got["mlp_in"], block_in[i].float(), h.float()))
+    return out
+
+
 def _sparsify(x: Tensor, t: float, dense_first: bool = False) -> Tensor:
     if t <= 0:
         return x
@@ -117,6 +182,24 @@ def _sparsify(x: Tensor, t: float, dense_first: bool = False) -> Tensor:
     if dense_first:  # the first position of each window stays dense
         out[:, :1] = x[:, :1]
     return out
+
+
+def token_weights(inputs: BlockInputs, weighting: str | None) -> tuple[Tensor | None, float]:
+    """Per-token weights ``[B, T, 1]`` of the squared output error (None: all 1) and the
+    normaliser that makes the block error relative (the weighted dense output energy)."""
+    weighting = weighting or ERROR_WEIGHTING
+    energy = inputs.block_out.square().sum(-1, keepdim=True)
+    if weighting == "absolute":
+        return None, float(energy.sum()) or 1.0
+    if weighting == "per-token":
+        w = 1.0 / energy.clamp(min=1e-30)
+        return w, float(energy.numel())
+    raise ValueError(f"error weighting must be 'absolute' or 'per-token', got {weighting!r}")
+
+
+def _sq_err(y: Tensor, ref: Tensor, w: Tensor | None) -> float:
+    d = (y - ref).square()
+    return float(d.sum() if w is None else (d.sum(-1, keepdim=True) * w).sum())
 
 
 class _Block:
@@ -179,6 +262,7 @@ def greedy_layer(
     max_block: float = MAX_BLOCK,
     max_level: float = MAX_LEVEL,
     dense_first: bool = DENSE_FIRST,
+    weighting: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Greedy levels of one layer: ``levels [R, 7]`` and relative block error ``[R]`` at
     block sparsity ``r * delta`` for ``r = 0 .. R-1``.
@@ -203,12 +287,12 @@ def greedy_layer(
     gate, up = blk.proj(4, mx, 0.0), blk.proj(5, mx, 0.0)
     mid = blk.mid(gate, up)
     y_mlp_dense = mid @ blk.w[6]
-    norm = float(inputs.block_out.square().sum()) or 1.0
+    w, norm = token_weights(inputs, weighting)
     k = [0] * 7
     err = {"attn": 0.0, "mlp": 0.0}
 
     def err_of(y: Tensor, ref: Tensor) -> float:
-        return float((y - ref).square().sum())
+        return _sq_err(y, ref, w)
 
     def try_step(j: int) -> tuple[float, tuple]:
         """Sub-block error if projection ``j`` rose one step, and the new state."""
@@ -286,14 +370,53 @@ def greedy_tables(
     max_block: float = MAX_BLOCK,
     max_level: float = MAX_LEVEL,
     dense_first: bool = DENSE_FIRST,
+    weighting: str | None = None,
     progress: bool = True,
 ) -> dict[str, Tensor]:
     """Greedy tables of every layer on held-out windows ``ids`` ``[B, T]``:
     ``levels [L, R, 7]``, ``error [L, R]``, ``block_sparsity [R]`` and ``sensitivity
     [L]`` (see ``layer_sensitivity``)."""
+    inputs = capture_inputs(model, ids)
+    search = _search_all(
+        model, stats, inputs, delta, max_block, max_level, dense_first, weighting, progress
+    )
+    if SEARCH_INPUTS == "sparse":
+        at = layer_rows(
+            search["error"], search["sensitivity"], search["block_sparsity"], UPSTREAM_LEVEL
+        )
+        lv = interpolate_rows(search["levels"], search["block_sparsity"], at)
+        upstream = capture_sparse_inputs(model, ids, stats.thresholds(lv), dense_first)
+        search = _search_all(
+            model,
+            stats,
+            upstream,
+            delta,
+            max_block,
+            max_level,
+            dense_first,
+            weighting,
+            progress,
+            sens_inputs=inputs,
+        )
+    elif SEARCH_INPUTS != "dense":
+        raise ValueError(f"search inputs must be 'dense' or 'sparse', got {SEARCH_INPUTS!r}")
+    return search
+
+
+def _search_all(
+    model,
+    stats,
+    inputs,
+    delta,
+    max_block,
+    max_level,
+    dense_first,
+    weighting,
+    progress,
+    sens_inputs=None,
+) -> dict[str, Tensor]:
     from tqdm.auto import tqdm
 
-    inputs = capture_inputs(model, ids)
     site_of = [next(s for s in SITES if j in SITE_PROJECTIONS[s]) for j in range(7)]
     all_levels, all_errors = [], []
     for layer in tqdm(range(model.config.n_layers), desc="greedy", disable=not progress):
@@ -310,6 +433,7 @@ def greedy_tables(
             max_block=max_block,
             max_level=max_level,
             dense_first=dense_first,
+            weighting=weighting,
         )
         all_levels.append(lv)
         all_errors.append(er)
@@ -317,7 +441,14 @@ def greedy_tables(
     errors = torch.stack(all_errors)
     rows = torch.arange(levels.shape[1], dtype=torch.float64) * delta
     sens = layer_sensitivity(
-        model, stats, inputs, levels, errors, rows, dense_first=dense_first, progress=progress
+        model,
+        stats,
+        sens_inputs or inputs,
+        levels,
+        errors,
+        rows,
+        dense_first=dense_first,
+        progress=progress,
     )
     return {
         "levels": levels,
@@ -426,7 +557,12 @@ def layer_rows(errors: Tensor, weights: Tensor, rows: Tensor, target: float) -> 
 
 @torch.inference_mode()
 def block_error(
-    model, layer: int, inputs: BlockInputs, thresholds: Tensor, dense_first: bool = DENSE_FIRST
+    model,
+    layer: int,
+    inputs: BlockInputs,
+    thresholds: Tensor,
+    dense_first: bool = DENSE_FIRST,
+    weighting: str | None = None,
 ) -> float:
     """The greedy search's error measure for one layer at thresholds ``[7]``: squared
     error of the attention and MLP outputs against dense, relative to the squared
@@ -434,10 +570,11 @@ def block_error(
     blk = _Block(model, layer, inputs.attn_x.shape[1], dense_first)
     t = [float(v) for v in thresholds]
     ax, mx = inputs.attn_x, inputs.mlp_x
+    w, norm = token_weights(inputs, weighting)
     dense_att = blk.attention(*(blk.proj(j, ax, 0.0) for j in range(3)))
     att = blk.attention(*(blk.proj(j, ax, t[j]) for j in range(3)))
-    e = float((blk.proj(3, att, t[3]) - dense_att @ blk.w[3]).square().sum())
+    e = _sq_err(blk.proj(3, att, t[3]), dense_att @ blk.w[3], w)
     dense_mid = blk.mid(blk.proj(4, mx, 0.0), blk.proj(5, mx, 0.0))
     mid = blk.mid(blk.proj(4, mx, t[4]), blk.proj(5, mx, t[5]))
-    e += float((blk.proj(6, mid, t[6]) - dense_mid @ blk.w[6]).square().sum())
-    return e / (float(inputs.block_out.square().sum()) or 1.0)
+    e += _sq_err(blk.proj(6, mid, t[6]), dense_mid @ blk.w[6], w)
+    return e / norm

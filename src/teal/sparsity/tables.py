@@ -19,7 +19,8 @@ from teal.sparsity.scores import collect_score_stats
 from teal.sparsity.stats import ActivationStats
 
 TABLES_METHOD = "greedy-blockwise+wi+cats"
-TABLES_VERSION = 2  # 2: greedy search with the first position of each window dense
+TABLES_VERSION = 3  # 2: greedy search with the first position of each window dense;
+# 3: each token's error relative to its own output energy (allocate.ERROR_WEIGHTING)
 # Two kinds, made apart so a command pays only for what its methods read: the greedy
 # search (greedy, greedy-layers) and the score histograms (weight-informed, cats).
 KINDS = {
@@ -132,6 +133,8 @@ def add_tables(
             held_out_disjoint=held_out_is_disjoint,
             greedy_delta=allocate.DELTA,
             greedy_dense_first=allocate.DENSE_FIRST,
+            greedy_error_weighting=allocate.ERROR_WEIGHTING,
+            greedy_search_inputs=allocate.SEARCH_INPUTS,
             seconds_greedy=round(time.perf_counter() - start, 1),
         )
     if "seq" in kinds:

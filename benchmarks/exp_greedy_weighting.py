@@ -1,0 +1,58 @@
+"""Experiment: how a token's output error counts in the greedy search.
+
+Makes one calibration file per weighting (``teal.sparsity.allocate.ERROR_WEIGHTING``)
+from the same histograms, with the tables of ``--kinds`` made again under that
+weighting; compare them with ``teal eval --calibration FILE``.
+
+    PYTHONPATH=src python benchmarks/exp_greedy_weighting.py --calibration BASE \\
+        --weighting absolute,per-token --out /tmp/w
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import teal
+from teal.eval.corpus import load_corpus
+from teal.sparsity import allocate, tables
+from teal.sparsity.artifact import Calibration
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calibration", required=True, help="file whose histograms are reused")
+    ap.add_argument(
+        "--weighting",
+        default="absolute,per-token",
+        help="comma list of WEIGHTING or WEIGHTING:INPUTS (INPUTS dense or sparse)",
+    )
+    ap.add_argument("--kinds", default="greedy", help="tables to make (comma list)")
+    ap.add_argument("--out", required=True, help="folder for cal-WEIGHTING.safetensors")
+    args = ap.parse_args()
+    model = teal.load(dtype="fp32")
+    part = load_corpus(None).part("calibration")
+    base = Calibration.load(args.calibration, model)
+    kinds = tuple(k.strip() for k in args.kinds.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for variant in args.weighting.split(","):
+        weighting, _, inputs = variant.partition(":")
+        allocate.ERROR_WEIGHTING = weighting
+        allocate.SEARCH_INPUTS = inputs or "dense"
+        meta = copy.deepcopy(base.metadata)
+        meta.pop("tables", None)
+        cal = Calibration(base.stats, meta)
+        start = time.perf_counter()
+        tables.add_tables_from_text(model, cal, part, kinds=kinds)
+        cal.metadata["tables"].update(
+            error_weighting=weighting, search_inputs=allocate.SEARCH_INPUTS
+        )
+        path = cal.save(out / f"cal-{variant.replace(':', '-')}.safetensors")
+        print(f"{variant}: {path} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
