@@ -394,7 +394,8 @@ def repack_gguf(model, lm_head: bool = True) -> QuantConfig:
                     for n in names
                 ]
                 wt = getattr(mod, attr)
-                qw = _repack(parts, splits or (wt.shape[1],))
+                # Checked where the model lives (the file's blocks are read on the host).
+                qw = _repack(parts, splits or (wt.shape[1],)).to(wt.device)
                 _check_same(f"layer {i} {attr}", qw, wt, source)
                 new.append((mod, attr, qw))
         head = None
@@ -403,7 +404,7 @@ def repack_gguf(model, lm_head: bool = True) -> QuantConfig:
             b = ckpt.q4_blocks(name)
             w = model.tok_embeddings.weight if model.lm_head is None else model.lm_head
             if b is not None:
-                head = _repack([b], (w.shape[0],))
+                head = _repack([b], (w.shape[0],)).to(w.device)
                 _check_same("lm_head", head, w.t(), source)
             else:
                 head = quantize_int8(w.t())
