@@ -375,6 +375,19 @@ def test_eval_runs_auto_per_protocol(setup, monkeypatch) -> None:
     assert ppl[("uniform", "full")] != ppl[("greedy-layers", "full")]
 
 
+def _greedy_levels(model, cal, inputs, layer: int, **kw):
+    """One layer's greedy levels, with the site thresholds from the calibration."""
+    sites = ("attn_in",) * 3 + ("attn_out", "mlp_in", "mlp_in", "mlp_mid")
+    levels, _ = allocate.greedy_layer(
+        model,
+        layer,
+        inputs[layer],
+        lambda j, lv: cal.stats.site_quantiles(layer, sites[j], lv),
+        **kw,
+    )
+    return levels
+
+
 def test_greedy_dense_first_leaves_the_first_position_alone(setup) -> None:
     """With ``dense_first`` the search never sparsifies the first position of a window
     (the attention sink a dense prefill always computes): a one-position window has no
@@ -389,15 +402,8 @@ def test_greedy_dense_first_leaves_the_first_position_alone(setup) -> None:
     )  # fmt: skip
     assert allocate.block_error(model, 0, first, thr, dense_first=True) == 0
     assert allocate.block_error(model, 0, first, thr, dense_first=False) > 0
-    sites = ("attn_in",) * 3 + ("attn_out", "mlp_in", "mlp_in", "mlp_mid")
     for layer in range(model.config.n_layers):
-        levels, _ = allocate.greedy_layer(
-            model,
-            layer,
-            inputs[layer],
-            lambda j, lv, layer=layer: cal.stats.site_quantiles(layer, sites[j], lv),
-            dense_first=True,
-        )
+        levels = _greedy_levels(model, cal, inputs, layer, dense_first=True)
         for s in (0.25, 0.5, 0.75):
             table = torch.zeros(model.config.n_layers, 7)
             table[layer] = levels[round(s / allocate.DELTA)]
@@ -430,20 +436,13 @@ def test_per_token_weighting_search_no_worse_than_uniform(setup) -> None:
     model, cal, toks = setup
     ids = allocate.held_out_windows(toks[2000:2512], 128, None)
     inputs = allocate.capture_inputs(model, ids)
-    sites = ("attn_in",) * 3 + ("attn_out", "mlp_in", "mlp_in", "mlp_mid")
     w, norm = allocate.token_weights(inputs[0], "per-token")
     assert w is not None and norm == inputs[0].block_out.shape[0] * inputs[0].block_out.shape[1]
     assert float(w.max() / w.min()) > 1.01
     with pytest.raises(ValueError, match="per-token"):
         allocate.token_weights(inputs[0], "relative")
     for layer in range(model.config.n_layers):
-        levels, _ = allocate.greedy_layer(
-            model,
-            layer,
-            inputs[layer],
-            lambda j, lv, layer=layer: cal.stats.site_quantiles(layer, sites[j], lv),
-            weighting="per-token",
-        )
+        levels = _greedy_levels(model, cal, inputs, layer, weighting="per-token")
         thr = cal.stats.thresholds(0.5)[layer]
         e_abs = allocate.block_error(model, layer, inputs[layer], thr, weighting="absolute")
         e_tok = allocate.block_error(model, layer, inputs[layer], thr, weighting="per-token")
