@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quant_args(
         p,
         "weight-only quantization of the projections and lm_head after loading (on the CPU"
-        " int8 runs the native kernel; int4 and gguf there run the slow reference)",
+        " int8, int4 and gguf run native kernels)",
     )
     p.set_defaults(func=main)
 
