@@ -11,14 +11,9 @@ again; compare them with ``teal eval --method greedy-layers --calibration FILE``
 from __future__ import annotations
 
 import argparse
-import copy
-import time
-from pathlib import Path
 
-import teal
-from teal.eval.corpus import load_corpus
-from teal.sparsity import allocate, tables
-from teal.sparsity.artifact import Calibration
+from exp_greedy_weighting import remake  # the same loop, other knobs
+from teal.sparsity import allocate
 
 
 def main() -> None:
@@ -27,22 +22,14 @@ def main() -> None:
     ap.add_argument("--variants", default="512x256,512x512", help="comma list of TOKENSxWINDOW")
     ap.add_argument("--out", required=True, help="folder for cal-TOKENSxWINDOW.safetensors")
     args = ap.parse_args()
-    model = teal.load(dtype="fp32")
-    part = load_corpus(None).part("calibration")
-    base = Calibration.load(args.calibration, model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for variant in args.variants.split(","):
+
+    def configure(variant: str) -> dict:
         n_tokens, window = (int(v) for v in variant.split("x"))
         allocate.HELD_OUT_TOKENS = n_tokens
         allocate.HELD_OUT_WINDOW = window
-        meta = copy.deepcopy(base.metadata)
-        meta.pop("tables", None)
-        cal = Calibration(base.stats, meta)
-        start = time.perf_counter()
-        tables.add_tables_from_text(model, cal, part, kinds=("greedy",))
-        path = cal.save(out / f"cal-{variant}.safetensors")
-        print(f"{variant}: {path} in {time.perf_counter() - start:.0f} s", flush=True)
+        return {"held_out_window": window}  # add_tables records held_out_tokens
+
+    remake(args.calibration, args.out, args.variants.split(","), configure)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from teal.errors import TealError
 from teal.eval.perplexity import SparsityMeter, evaluate
 from teal.model.build import random_model
 from teal.model.config import ModelConfig
+from teal.model.decoder import SITE_PROJECTIONS
 from teal.sparsity import allocate
 from teal.sparsity.artifact import Calibration
 from teal.sparsity.calibrate import calibrate
@@ -377,12 +378,12 @@ def test_eval_runs_auto_per_protocol(setup, monkeypatch) -> None:
 
 def _greedy_levels(model, cal, inputs, layer: int, **kw):
     """One layer's greedy levels, with the site thresholds from the calibration."""
-    sites = ("attn_in",) * 3 + ("attn_out", "mlp_in", "mlp_in", "mlp_mid")
+    site_of = {j: site for site, projs in SITE_PROJECTIONS.items() for j in projs}
     levels, _ = allocate.greedy_layer(
         model,
         layer,
         inputs[layer],
-        lambda j, lv: cal.stats.site_quantiles(layer, sites[j], lv),
+        lambda j, lv: cal.stats.site_quantiles(layer, site_of[j], lv),
         **kw,
     )
     return levels
