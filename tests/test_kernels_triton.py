@@ -128,6 +128,8 @@ CONFIGS = [
     tg.GemvConfig(block_n=64, rows=16, split_k=3, num_warps=1, row_sum=True),
     tg.GemvConfig(block_n=32, rows=16, split_k=5, num_warps=1, row_sum=True, peel=True),
     tg.GemvConfig(block_n=64, rows=32, split_k=1, num_warps=2, peel=True),
+    # Many chunks of K (23 partials per output block) over wide blocks.
+    tg.GemvConfig(block_n=512, rows=16, split_k=23, num_warps=4, peel=True),
 ]
 
 
@@ -449,6 +451,42 @@ def test_cuda_graph_capture():
         t.fill_(_threshold(x, p))
         g.replay()
         check_close(y, ref.sparse_linear(x, wt, t), torch.bfloat16)
+
+
+def test_programmatic_dependent_launch_switch(monkeypatch):
+    """PDL only on CUDA GPUs of compute capability 9 and later, never under the
+    interpreter; TEAL_PDL=0 turns it off."""
+    assert tg.pdl_mode(torch.device("cpu")) is False
+    assert tg.pdl_options(False) == {}
+    assert tg.pdl_options(True) == {"launch_pdl": True}
+    if DEVICE == "cuda":
+        dev = torch.device("cuda")
+        expect = tg.gdc_wait is not None and torch.cuda.get_device_capability()[0] >= 9
+        assert tg.pdl_mode(dev) is expect
+        monkeypatch.setenv("TEAL_PDL", "0")
+        assert tg.pdl_mode(dev) is False
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_chained_launches_in_a_graph(monkeypatch, pdl):
+    """Each launch reads what the one before wrote (as a decode step does): with
+    programmatic dependent launch the second is placed early and must still wait."""
+    monkeypatch.setenv("TEAL_PDL", pdl)
+    x, w1, _ = _inputs(1, 4096, 2048, torch.bfloat16, seed=21)
+    _, w2, _ = _inputs(1, 2048, 4096, torch.bfloat16, seed=22)
+    t1, t2 = _tensor(_threshold(x, 0.5)), _tensor(0.0)
+    tg.prepare(x, w1, t1)
+    tg.prepare(tg.sparse_gemv(x, w1, t1), w2, t2)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y2 = tg.sparse_gemv(tg.sparse_gemv(x, w1, t1), w2, t2)
+    for p in (0.5, 0.0, 0.8):
+        t1.fill_(_threshold(x, p))
+        g.replay()
+        y1 = tg.sparse_gemv(x, w1, t1)
+        check_close(y1, ref.sparse_linear(x, w1, t1), torch.bfloat16)
+        assert torch.equal(y2, tg.sparse_gemv(y1, w2, t2))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="timing needs a GPU")

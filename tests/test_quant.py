@@ -165,6 +165,22 @@ def test_int4_walk_configs_match_reference(prefetch):
     check_close(y, r.to(y.device), dtype)
 
 
+def test_int4_many_chunks_of_k():
+    """18 chunks of K (group-aligned) for wide column blocks: the last program of each
+    block sums 18 partials."""
+    tq = _tq()
+    from teal.kernels.triton_gemv import GemvConfig
+
+    k, splits, dtype = 1100, (64, 32), torch.bfloat16
+    qw = _quantized("int4", k, splits, dtype, 32, seed=13)
+    x = _x(1, k, dtype, seed=14, strided=False)
+    t = _thresholds(x, 0.4, len(splits))
+    cfg = GemvConfig(1024, 16, 34, 4, 1, False, False)
+    y = tq.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, t, splits, 32, None, cfg)
+    r = ref.sparse_linear_fused(x, qw.dequantize(torch.float32), t.cpu(), splits)
+    check_close(y, r.to(y.device), dtype)
+
+
 @pytest.mark.parametrize(
     "fmt,g,zero_point", [("int8", 0, False), ("int4", 32, False), ("int4", 32, "offset")]
 )

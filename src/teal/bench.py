@@ -349,6 +349,11 @@ def bench_decode(
         model.set_backend(old_backend)
         torch.set_num_threads(old_threads)
     kernel = "triton"
+    if device != "cpu":
+        from teal.kernels.triton_gemv import pdl_mode
+
+        if pdl_mode(torch.device(device)):
+            kernel = "triton+pdl"  # programmatic dependent launch (TEAL_PDL=0 turns it off)
     if device == "cpu":
         from teal.kernels import cpu
 

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from teal.kernels.triton_gemv import _round
+from teal.kernels.triton_gemv import _round, gdc_launch_dependents, gdc_wait, pdl_mode, pdl_options
 
 __all__ = ["decode_attention"]
 
@@ -79,12 +79,15 @@ def _decode_attention_kernel(
     NSPLIT: tl.constexpr,
     NSPLIT_P2: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid ``(batch, query heads, NSPLIT)``: program ``s`` covers cached positions
     ``[s * SPAN, (s + 1) * SPAN)`` (within the window and before ``input_pos``); program 0
     also takes the new position. Each writes its softmax partial (running max, sum,
     weighted values); the last of a head to arrive (a ticket, as the GEMV's split-K)
     combines them in fixed order, so the result is deterministic."""
+    if PDL:
+        gdc_wait()  # first: see triton_gemv.pdl_mode
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
     sid = tl.program_id(2)
@@ -131,6 +134,8 @@ def _decode_attention_kernel(
                 k_ptr, v_ptr, cache, stride_cl, t0 + offs, d, q, lo, pos, sm_scale, m, l_sum,
                 acc,
             )  # fmt: skip
+    if PDL:
+        gdc_launch_dependents()
     head = pid_b * HQ + h
     if NSPLIT == 1:
         out = _round(acc / l_sum, dt, INTERPRET)
@@ -239,6 +244,7 @@ def decode_attention(
     out = torch.empty((b, 1, n_heads * d), dtype=qkv.dtype, device=dev)
     block_l, span, nsplit = _splits(max_len)
     part = torch.empty((b * n_heads * nsplit, d + 2), dtype=torch.float32, device=dev)
+    pdl = pdl_mode(dev)
     _decode_attention_kernel[(b, n_heads, nsplit)](
         q2,
         q2.stride(0),
@@ -264,6 +270,8 @@ def decode_attention(
         NSPLIT=nsplit,
         NSPLIT_P2=triton.next_power_of_2(nsplit),
         INTERPRET=_interpreting(),
+        PDL=pdl,
         num_warps=4,
+        **pdl_options(pdl),
     )
     return out

@@ -63,6 +63,7 @@ on the host from shapes (tuned table, runtime tuning results, then a heuristic);
 :func:`tune` or :func:`prepare` before capturing, never inside a capture.
 """
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -89,6 +90,41 @@ MAX_BATCH = 64
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+try:  # Programmatic dependent launch (Triton >= 3.4; Hopper and later GPUs).
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_mode(device: torch.device) -> bool:
+    """Whether our kernels launch with programmatic dependent launch (the ``PDL``
+    constexpr and :func:`pdl_options`).
+
+    With it, a kernel's programs are placed on the GPU while the previous kernel is still
+    finishing, and wait at ``gdc_wait`` (the first statement of each of our kernels, so
+    every read and write follows the previous kernel's completion and the visibility of
+    its writes) instead of the GPU draining between launches.  Each of our kernels lets
+    the next one be placed once its walk is done (``gdc_launch_dependents``), before its
+    reduction and epilogue.  End to end (H200, Llama-3-8B bf16, one process, interleaved
+    rounds; benchmarks/results/ab-pdl-red-h200-2026-12-07.json): dense 218.2 -> 220.3
+    tok/s, 40 % 282.7 -> 287.8, 50 % 311.0 -> 318.2, the same tokens; placing the next
+    kernel right after the wait instead was slower (277 at 50 %).  On for sm_90 and
+    later; TEAL_PDL=0 turns it off."""
+    if gdc_wait is None or device.type != "cuda" or _interpreting():
+        return False
+    return os.environ.get("TEAL_PDL", "1") != "0" and _pdl_capable(device.index or 0)
+
+
+def pdl_options(on: bool) -> dict:
+    """Launch options for :func:`pdl_mode`."""
+    return {"launch_pdl": True} if on else {}
 
 
 # --------------------------------------------------------------------------- kernels
@@ -580,6 +616,7 @@ def _sparse_gemv_kernel(
     NB: tl.constexpr = 16,
     NSTEPS: tl.constexpr = 1,
     RES: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Grid ``(output blocks, split_k)``.
 
@@ -588,6 +625,8 @@ def _sparse_gemv_kernel(
     an activation): block ``pid_n`` covers the same columns of gate and of up, so the
     epilogue can form ``act(gate) * up`` in registers.
     """
+    if PDL:
+        gdc_wait()  # first: x, the residual and every buffer follow the previous kernel
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * k_chunk
@@ -682,6 +721,8 @@ def _sparse_gemv_kernel(
         )
         acc2 = acc  # unused
         cols2 = cols  # unused
+    if PDL:
+        gdc_launch_dependents()  # the walk is done: the next kernel may be placed
 
     if USE_DOT:
         rb = b
@@ -701,15 +742,9 @@ def _sparse_gemv_kernel(
         ticket = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:
             # Last to arrive: sum every chunk's partial in fixed order (deterministic).
-            acc = tl.zeros_like(acc)
-            acc2 = tl.zeros_like(acc2)
-            for s in range(SPLIT_K):
-                sbase = part_ptr + s * B * N_PART + rb[:, None] * N_PART
-                acc += tl.load(sbase + cols[None, :], mask=pmask, other=0.0, cache_modifier=".cg")
-                if PAIR:
-                    acc2 += tl.load(
-                        sbase + cols2[None, :], mask=pmask, other=0.0, cache_modifier=".cg"
-                    )
+            acc = _sum_parts(part_ptr, B, N_PART, rb, cols, pmask, acc, SPLIT_K)
+            if PAIR:
+                acc2 = _sum_parts(part_ptr, B, N_PART, rb, cols2, pmask, acc2, SPLIT_K)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
             _epilogue(
                 y_ptr, stride_yb, rb, rmask, offs_n, cols, cols2, nmask, acc, acc2, qs_ptr,
@@ -720,6 +755,19 @@ def _sparse_gemv_kernel(
             y_ptr, stride_yb, rb, rmask, offs_n, cols, cols2, nmask, acc, acc2, qs_ptr,
             PAIR, ACT, HAS_QS, INTERPRET, res_ptr, stride_rb, RES,
         )  # fmt: skip
+
+
+@triton.jit
+def _sum_parts(part_ptr, B, N_PART, rb, cols, pmask, like, SPLIT_K: tl.constexpr):
+    """Sum of the ``SPLIT_K`` fp32 partials of columns ``cols`` (rows ``rb``), in fixed
+    order.  One partial per step: loading them as ``[16, BLOCK_N]`` tiles summed along
+    the first axis measured slower end to end (H200, 2026-12-07: 50 % sparse 311 -> 280
+    tok/s; the tiles' registers spill), as did the floors of every launch."""
+    acc = tl.zeros_like(like)
+    for s in range(SPLIT_K):
+        ptr = part_ptr + s * B * N_PART + rb[:, None] * N_PART + cols[None, :]
+        acc += tl.load(ptr, mask=pmask, other=0.0, cache_modifier=".cg")
+    return acc
 
 
 @triton.jit
@@ -1071,6 +1119,7 @@ def _launch(
     else:
         part = y  # unused
         locks = idx  # unused
+    pdl = pdl_mode(dev)
     _sparse_gemv_kernel[(grid_n, split)](
         x2,
         x2.stride(0),
@@ -1121,8 +1170,10 @@ def _launch(
         NB=nb,
         NSTEPS=triton.cdiv(k, nb),
         RES=residual is not None,
+        PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl_options(pdl),
     )
     return y.reshape(*lead, n_out)
 

@@ -40,7 +40,12 @@ from teal.kernels.triton_gemv import (
     _round,
     _scores,
     _segment,
+    _sum_parts,
+    gdc_launch_dependents,
+    gdc_wait,
     get_config,
+    pdl_mode,
+    pdl_options,
 )
 
 __all__ = ["quant_gemv", "quant_gate_up_act"]
@@ -263,15 +268,6 @@ def _walk_q4(
 
 
 @triton.jit
-def _sum_parts(part_ptr, B, N_PART, rb, cols, pmask, like, SPLIT_K: tl.constexpr):
-    acc = tl.zeros_like(like)
-    for s in range(SPLIT_K):
-        ptr = part_ptr + s * B * N_PART + rb[:, None] * N_PART + cols[None, :]
-        acc += tl.load(ptr, mask=pmask, other=0.0, cache_modifier=".cg")
-    return acc
-
-
-@triton.jit
 def _q4_kernel(
     x_ptr,
     stride_xb,
@@ -317,11 +313,14 @@ def _q4_kernel(
     F32_DOT: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid ``(byte blocks, split_k)``.  ``H*`` are the segments' packed widths (half their
     output widths).  Block ``pid_n`` reads ``BLOCK_H`` bytes of each kept row of one
     segment and produces its columns ``o`` and ``H + o`` (PAIR: the same bytes of gate
     and of up, combined as ``act(gate) * up`` in the epilogue)."""
+    if PDL:
+        gdc_wait()  # first: see triton_gemv.pdl_mode
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * k_chunk
@@ -394,6 +393,8 @@ def _q4_kernel(
         b_hi = a_hi
         u_lo = c_lo
         u_hi = c_hi
+    if PDL:
+        gdc_launch_dependents()
 
     if USE_DOT:
         rb = b
@@ -524,6 +525,7 @@ def _launch_q4(
     else:
         part = y
         locks = idx
+    pdl = pdl_mode(dev)
     _q4_kernel[(grid_n, split)](
         x2,
         x2.stride(0),
@@ -569,8 +571,10 @@ def _launch_q4(
         F32_DOT=_interpreting() or x.dtype == torch.float32,
         PREFETCH=cfg.prefetch and not use_dot,
         INTERPRET=_interpreting(),
+        PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl_options(pdl),
     )
     return y.reshape(*lead, n_out)
 
