@@ -760,9 +760,10 @@ def _sparse_gemv_kernel(
 @triton.jit
 def _sum_parts(part_ptr, B, N_PART, rb, cols, pmask, like, SPLIT_K: tl.constexpr):
     """Sum of the ``SPLIT_K`` fp32 partials of columns ``cols`` (rows ``rb``), in fixed
-    order.  One partial per step: loading them as ``[16, BLOCK_N]`` tiles summed along
-    the first axis measured slower end to end (H200, 2026-12-07: 50 % sparse 311 -> 280
-    tok/s; the tiles' registers spill), as did the floors of every launch."""
+    order, one partial per step.  Measured slower end to end (Llama-3-8B bf16 at 50 %,
+    benchmarks/results/ab-*-2026-12-07.json): ``[16, BLOCK_N]`` tiles summed along the
+    first axis (H200: 311 -> 280 tok/s; their registers spill; every launch's floor rose
+    too), and four partials per step unrolled (H100: 253 -> 244)."""
     acc = tl.zeros_like(like)
     for s in range(SPLIT_K):
         ptr = part_ptr + s * B * N_PART + rb[:, None] * N_PART + cols[None, :]
