@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import statistics
@@ -32,7 +31,7 @@ from teal.model.build import parse_dtype, random_model
 from teal.model.config import PRESETS
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_decode import calibrate  # noqa: E402
+from bench_decode import calibrate, header  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -139,13 +138,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "command": " ".join(["python", *sys.argv]),
-        "date": datetime.date.today().isoformat(),
-        "model": args.preset,
-        "dtype": args.dtype,
+        **header(args.preset, args.dtype),
         "quant": args.quant,
         "new_tokens": args.new_tokens,
         "results": rows,

@@ -111,6 +111,19 @@ def check_engine(dtype: torch.dtype, steps: int = 64) -> dict:
     }
 
 
+def header(preset: str, dtype: str) -> dict:
+    """The first keys of a result object: where, with what, by which command, when."""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "command": " ".join(["python", *sys.argv]),
+        "date": datetime.date.today().isoformat(),
+        "model": preset,
+        "dtype": dtype,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3-8b", choices=sorted(PRESETS))
@@ -123,13 +136,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "command": " ".join(["python", *sys.argv]),
-        "date": datetime.date.today().isoformat(),
-        "model": args.preset,
-        "dtype": args.dtype,
+        **header(args.preset, args.dtype),
         "quant": None,
         "method": "uniform",
         "compile": args.compile,

@@ -7,7 +7,9 @@ independently?
         --out benchmarks/results/quant-ppl-default-2026-12-01.json
 
 ``--quant`` entries: none, int8, int4 (zero-point codes; ``--sym``: symmetric),
-int4-offset (float offsets), gguf (the GGUF file's own Q4_0 / Q4_1 weights repacked).
+int4-offset (float offsets), gguf (the GGUF file's own Q4_0 / Q4_1 weights repacked);
+``-gptq`` after int8 / int4 rounds with error feedback (``teal.model.gptq``, statistics
+from ``--gptq-tokens`` of the calibration part).
 Thresholds (and the greedy method tables) come from the unquantized model's calibration
 on the calibration part of the text (the same file `teal eval` uses); the quantized
 models reuse them.  Perplexity runs on the reference path (dequantize, then matmul), on
@@ -34,9 +36,20 @@ def main() -> int:
     ap.add_argument(
         "--quant",
         default="none,int8,int4",
-        help="comma list of none, int8, int4, int4-offset, gguf",
+        help="comma list of none, int8, int4, int4-offset, gguf; -gptq after int8/int4: GPTQ",
     )
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument(
+        "--gptq-tokens",
+        type=int,
+        default=8192,
+        help="calibration tokens for the GPTQ statistics (entries ending in -gptq)",
+    )
+    ap.add_argument(
+        "--gptq-plain",
+        action="store_true",
+        help="GPTQ statistics without the per-token normalisation (collect_hessians)",
+    )
     ap.add_argument("--sym", action="store_true", help="int4 without zero points")
     ap.add_argument("--method", default="uniform,greedy-layers")
     ap.add_argument("--sparsity", default="0,0.25,0.4,0.5")
@@ -61,12 +74,30 @@ def main() -> int:
     window = resolve_window(base, None)
     rows = []
     t0 = time.time()
+    hessians = None
+    if any(q.endswith("-gptq") for q in quants):
+        from teal.model.gptq import collect_hessians
+
+        t1 = time.time()
+        cal_tokens = parts["calibration"].tokens(base.tokenizer, args.gptq_tokens)
+        hessians = collect_hessians(
+            base, cal_tokens, bos=bos_token(base.tokenizer), per_token=not args.gptq_plain
+        )
+        print(f"GPTQ statistics: {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
     for q in quants:
         model = base
         if q != "none":
             model = copy.deepcopy(base)
-            fmt, _, zero = q.partition("-")
-            model.quantize(fmt, group_size=args.group_size, zero_point=zero or not args.sym)
+            spec, gptq = q.removesuffix("-gptq"), q.endswith("-gptq")
+            fmt, _, zero = spec.partition("-")
+            t1 = time.time()
+            model.quantize(
+                fmt,
+                group_size=args.group_size,
+                zero_point=zero or not args.sym,
+                hessians=hessians if gptq else None,
+            )
+            print(f"quantized {q}: {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
         label = "none" if q == "none" else model.quant.label()
         print(f"== {label}", file=sys.stderr, flush=True)
         results, _ = evaluate_methods(

@@ -94,6 +94,22 @@ def test_hf_folder_loads_and_generates(tmp_path, capsys):
     assert 1 <= obj["new_tokens"] <= 5 and obj["prompt_tokens"] >= 1
 
 
+def test_generate_cli_int4_gptq(tmp_path, capsys):
+    """``--quant int4 --gptq TEXT``: GPTQ statistics from the text's calibration part;
+    ``--gptq`` with weights it cannot round is bad input."""
+    folder = write_hf_checkpoint(tmp_path / "m", TINY, seed=5)
+    text = tmp_path / "cal.txt"
+    text.write_text("\n\n".join(f"ab ba {i} aab bba {i * 7}" for i in range(60)))
+    code = cli_main(["generate", "ab ba", "--model", str(folder), "--max-new-tokens", "3",
+                     "--quant", "int4", "--group-size", "16", "--gptq", str(text),
+                     "--json"])  # fmt: skip
+    obj = json.loads(capsys.readouterr().out)
+    assert code == 0 and obj["quant"] == "int4-g16-gptq" and 1 <= obj["new_tokens"] <= 3
+    code = cli_main(["generate", "x", "--model", str(folder), "--quant", "gguf",
+                     "--gptq", str(text)])  # fmt: skip
+    assert code == 2 and "--gptq rounds int8 or int4" in capsys.readouterr().err
+
+
 def test_generate_cli_int8_on_threads(tmp_path, capsys):
     """``--quant int8 --threads 1``: int8 weights (the native CPU kernel), one thread for
     the run, torch's thread count restored after; a bad thread count is bad input."""

@@ -149,34 +149,26 @@ def test_quant_gemv_matches_reference(fmt, k, splits, g, zero, p, b, dtype):
         assert (y == 0).all()
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_int4_walk_configs_match_reference(prefetch):
-    """Several chunks of several groups, double-buffered walk or not."""
+@pytest.mark.parametrize(
+    "k,cfg",
+    [
+        # Several chunks of several groups, double-buffered walk or not.
+        (300, (64, 16, 2, 4, 1, False, False)),
+        (300, (64, 16, 2, 4, 1, False, True)),
+        # 18 group-aligned chunks of K for wide column blocks: the last program of each
+        # block sums 18 partials.
+        (1100, (1024, 16, 34, 4, 1, False, False)),
+    ],
+)
+def test_int4_walk_configs_match_reference(k, cfg):
     tq = _tq()
     from teal.kernels.triton_gemv import GemvConfig
 
-    k, splits, dtype = 300, (64, 32), torch.bfloat16
+    splits, dtype = (64, 32), torch.bfloat16
     qw = _quantized("int4", k, splits, dtype, 32, seed=9)
     x = _x(1, k, dtype, seed=10, strided=False)
     t = _thresholds(x, 0.4, len(splits))
-    cfg = GemvConfig(64, 16, 2, 4, 1, False, prefetch)
-    y = tq.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, t, splits, 32, None, cfg)
-    r = ref.sparse_linear_fused(x, qw.dequantize(torch.float32), t.cpu(), splits)
-    check_close(y, r.to(y.device), dtype)
-
-
-def test_int4_many_chunks_of_k():
-    """18 chunks of K (group-aligned) for wide column blocks: the last program of each
-    block sums 18 partials."""
-    tq = _tq()
-    from teal.kernels.triton_gemv import GemvConfig
-
-    k, splits, dtype = 1100, (64, 32), torch.bfloat16
-    qw = _quantized("int4", k, splits, dtype, 32, seed=13)
-    x = _x(1, k, dtype, seed=14, strided=False)
-    t = _thresholds(x, 0.4, len(splits))
-    cfg = GemvConfig(1024, 16, 34, 4, 1, False, False)
-    y = tq.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, t, splits, 32, None, cfg)
+    y = tq.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, t, splits, 32, None, GemvConfig(*cfg))
     r = ref.sparse_linear_fused(x, qw.dequantize(torch.float32), t.cpu(), splits)
     check_close(y, r.to(y.device), dtype)
 

@@ -355,13 +355,13 @@ class Transformer(nn.Module):
         self.sparse_backend = backend
 
     def quantize(self, fmt: str, group_size: int = 128, zero_point: bool | str = True,
-                 lm_head: bool = True):  # fmt: skip
+                 lm_head: bool = True, hessians: dict | None = None):  # fmt: skip
         """Weight-only int8 / int4 projections (and ``lm_head``), in place, or ``"gguf"``:
-        the GGUF file's own Q4_0 / Q4_1 weights; see ``teal.model.quant``.  Returns the
-        ``QuantConfig``."""
+        the GGUF file's own Q4_0 / Q4_1 weights; see ``teal.model.quant``
+        (``hessians``: GPTQ rounding, ``teal.model.gptq``).  Returns the ``QuantConfig``."""
         from teal.model.quant import quantize_model
 
-        return quantize_model(self, fmt, group_size, zero_point, lm_head)
+        return quantize_model(self, fmt, group_size, zero_point, lm_head, hessians)
 
     # ----- cache ----------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int) -> None:

@@ -35,8 +35,10 @@ contiguous runs of outputs, ``[b, b+B)`` and ``[W/2+b, W/2+b+B)``: contiguous sc
 and stores, no shuffles.  Segments are packed apart so that each keeps its own threshold
 (gate and up may differ) and its kept rows are read for it alone.
 
-The quantizers are plain round-to-nearest (no calibration data): min/max per group with
-a zero point (default) or an offset, or absmax per group/channel.  A GGUF file's own
+The quantizers here are round-to-nearest (no calibration data): min/max per group with
+a zero point (default) or an offset, or absmax per group/channel.  ``teal.model.gptq``
+chooses codes on the same grids with error feedback from calibration activations
+(``quantize_model(..., hessians=...)``).  A GGUF file's own
 Q4_0 / Q4_1 weights are repacked as they are (``quantize_model(model, "gguf")``): groups
 of 32, the file's fp16 scales and offsets, no second rounding.  Calibration of the sparsity
 thresholds stays with the unquantized model: quantize after ``Calibration`` and the
@@ -200,27 +202,60 @@ def quantize_int4(
         # Padding rows repeat the group's first row, so they do not widen its range.
         last = (k // g) * g
         w[-1, k - last :] = w[-1, :1]
+    s, zp = int4_group_params(w, zero, sdt)
+    q = int4_codes(w, s[:, None, :], zp[:, None, :], zero)
+    return int4_weight(q.reshape(-1, n)[:k], s, zp, zero, sdt, (k, n), splits, g)
+
+
+def int4_group_params(w: Tensor, zero: str, sdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of groups ``w`` ``[..., G, N]`` (fp32): ``s``, ``zp``
+    ``[..., N]`` in fp32, ``s`` (and an offset) already rounded to ``sdt`` so that codes
+    are computed against the stored values; ``zp`` is the code (``"code"``), the
+    offset (``"offset"``) or 8 (``"none"``)."""
     if zero == "code":
         # The range includes 0 so that the zero point is a code (0..15).
-        lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+        lo, hi = w.amin(dim=-2).clamp(max=0), w.amax(dim=-2).clamp(min=0)
         s = ((hi - lo) / 15.0).clamp(min=1e-8).to(sdt).float()
-        z = torch.round(-lo / s).clamp(0, 15)
-        q = torch.round(w / s[:, None, :] + z[:, None, :]).clamp(0, 15)
-        zeros = z.to(torch.uint8).contiguous()
+        return s, torch.round(-lo / s).clamp(0, 15)
+    if zero == "offset":
+        lo, hi = w.amin(dim=-2), w.amax(dim=-2)
+        s = ((hi - lo) / 15.0).clamp(min=1e-8).to(sdt).float()
+        return s, lo.to(sdt).float()
+    s = (w.abs().amax(dim=-2) / 7.0).clamp(min=1e-8).to(sdt).float()
+    return s, torch.full_like(s, 8.0)
+
+
+def int4_codes(w: Tensor, s: Tensor, zp: Tensor, zero: str) -> Tensor:
+    """Codes 0..15 (fp32) of ``w`` for scales and zero points that broadcast to it."""
+    if zero == "offset":
+        return torch.round((w - zp) / s).clamp(0, 15)
+    return torch.round(w / s + zp).clamp(0, 15)
+
+
+def int4_values(q: Tensor, s: Tensor, zp: Tensor, zero: str) -> Tensor:
+    """The weights codes ``q`` stand for (fp32), as :meth:`QuantWeight.dequantize`."""
+    return q * s + zp if zero == "offset" else (q - zp) * s
+
+
+def int4_weight(
+    q: Tensor,
+    s: Tensor,
+    zp: Tensor,
+    zero: str,
+    sdt: torch.dtype,
+    shape: tuple[int, int],
+    splits: tuple[int, ...],
+    group_size: int,
+) -> QuantWeight:
+    """Pack codes ``q`` ``[K, N]`` and group parameters ``[ceil(K/G), N]``."""
+    if zero == "code":
+        zeros = zp.to(torch.uint8).contiguous()
     elif zero == "offset":
-        lo, hi = w.amin(dim=1), w.amax(dim=1)
-        s = ((hi - lo) / 15.0).clamp(min=1e-8).to(sdt).float()
-        m = lo.to(sdt).float()
-        q = torch.round((w - m[:, None, :]) / s[:, None, :]).clamp(0, 15)
-        zeros = m.to(sdt).contiguous()
+        zeros = zp.to(sdt).contiguous()
     else:
-        s = (w.abs().amax(dim=1) / 7.0).clamp(min=1e-8).to(sdt).float()
-        q = torch.round(w / s[:, None, :]).clamp(-8, 7) + 8
         zeros = None
-    q = q.reshape(-1, n)[:k].to(torch.uint8)
-    return QuantWeight(
-        "int4", pack_int4(q, splits), s.to(sdt).contiguous(), zeros, (k, n), splits, g
-    )
+    packed = pack_int4(q.to(torch.uint8), splits)
+    return QuantWeight("int4", packed, s.to(sdt).contiguous(), zeros, shape, splits, group_size)
 
 
 def quantize(
@@ -245,14 +280,18 @@ class QuantConfig:
     group_size: int | None = None
     zero: str | None = None  # int4: "code" | "offset" | "none"
     lm_head: bool = True
-    source: str = "rtn"  # "rtn": rounded here; "gguf": the checkpoint's own 4-bit blocks
+    # "rtn": rounded to nearest here; "gptq": with error feedback (teal.model.gptq);
+    # "gguf": the checkpoint's own 4-bit blocks
+    source: str = "rtn"
 
     def label(self) -> str:
+        tail = "-gptq" if self.source == "gptq" else ""
         if self.fmt == "int8":
-            return "int8"
+            return "int8" + tail
         if self.source == "gguf":
             return f"int4-g{self.group_size}-gguf"
-        return f"int4-g{self.group_size}" + {"code": "", "offset": "-offset"}.get(self.zero, "-sym")
+        zero = {"code": "", "offset": "-offset"}.get(self.zero, "-sym")
+        return f"int4-g{self.group_size}" + zero + tail
 
 
 def _replace(module: nn.Module, name: str, value: nn.Module) -> None:
@@ -278,12 +317,15 @@ def quantize_model(
     group_size: int = 128,
     zero_point: bool | str = True,
     lm_head: bool = True,
+    hessians: dict[tuple[int, str], Tensor] | None = None,
 ) -> QuantConfig:
     """Replace the seven projections (and ``lm_head``) of ``model`` by quantized
     weights, one tensor at a time (the float copy is freed as it goes).
 
     ``fmt`` ``"gguf"``: keep the 4-bit weights of the GGUF file the model was loaded
-    from (:func:`repack_gguf`); ``group_size`` and ``zero_point`` do not apply."""
+    from (:func:`repack_gguf`); ``group_size`` and ``zero_point`` do not apply.
+    ``hessians`` (``teal.model.gptq.collect_hessians``): round the projections with
+    error feedback (GPTQ) instead of to nearest; ``lm_head`` stays round-to-nearest."""
     if getattr(model, "quant", None) is not None:
         raise ValueError(f"the model is already quantized ({model.quant.label()})")
     if fmt == "gguf":
@@ -291,21 +333,35 @@ def quantize_model(
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantization {fmt!r}: expected int8, int4 or gguf")
     zero = _zero_kind(zero_point) if fmt == "int4" else None
+    if fmt == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
     cfg = model.config
-    for block in model.layers:
+    f = cfg.ffn_dim
+
+    def q(i: int, site: str, wt: Tensor, splits: tuple[int, ...] | None) -> QuantWeight:
+        if hessians is None:
+            return quantize(wt, fmt, group_size, splits, zero_point)
+        from teal.model.gptq import gptq
+
+        h = hessians.get((i, site))
+        if h is None:
+            raise ValueError(f"no GPTQ statistics for layer {i} {site}: collect them again")
+        return gptq(wt, h, fmt, group_size, splits, zero or "code")
+
+    for i, block in enumerate(model.layers):
         att, mlp = block.attention, block.mlp
-        _replace(att, "wqkv", quantize(att.wqkv, fmt, group_size, att.splits, zero_point))
-        _replace(att, "wo", quantize(att.wo, fmt, group_size, None, zero_point))
-        f = cfg.ffn_dim
-        _replace(mlp, "w_gate_up", quantize(mlp.w_gate_up, fmt, group_size, (f, f), zero_point))
-        _replace(mlp, "w_down", quantize(mlp.w_down, fmt, group_size, None, zero_point))
+        _replace(att, "wqkv", q(i, "attn_in", att.wqkv, att.splits))
+        _replace(att, "wo", q(i, "attn_out", att.wo, None))
+        _replace(mlp, "w_gate_up", q(i, "mlp_in", mlp.w_gate_up, (f, f)))
+        _replace(mlp, "w_down", q(i, "mlp_mid", mlp.w_down, None))
     if lm_head:
         # The head is stored [vocab, dim] (tied to the embedding or not); quantized it
         # becomes input-major like the projections.  A tied embedding keeps its float
         # table for the lookup.
         head = model.tok_embeddings.weight if model.lm_head is None else model.lm_head
         _replace(model, "lm_head", quantize(head.t(), fmt, group_size, None, zero_point))
-    qc = QuantConfig(fmt, group_size if fmt == "int4" else None, zero, lm_head)
+    source = "rtn" if hessians is None else "gptq"
+    qc = QuantConfig(fmt, group_size if fmt == "int4" else None, zero, lm_head, source)
     model.quant = qc
     _load_quant_backend(model)
     return qc
