@@ -9,8 +9,7 @@ independently?
 ``--quant`` entries: none, int8, int4 (zero-point codes; ``--sym``: symmetric),
 int4-offset (float offsets), gguf (the GGUF file's own Q4_0 / Q4_1 weights repacked);
 ``-gptq`` after int8 / int4 rounds with error feedback (``teal.model.gptq``, statistics
-from ``--gptq-tokens`` of the calibration part); ``-gptq-sparse``: each sparse row from
-its own GPTQ fitted to the sparse model at that setting (``--protocol full``).
+from ``--gptq-tokens`` of the calibration part).
 Thresholds (and the greedy method tables) come from the unquantized model's calibration
 on the calibration part of the text (the same file `teal eval` uses); the quantized
 models reuse them.  Perplexity runs on the reference path (dequantize, then matmul), on
@@ -75,8 +74,8 @@ def main() -> int:
     window = resolve_window(base, None)
     rows = []
     t0 = time.time()
-    hessians = cal_tokens = None
-    if any("-gptq" in q for q in quants):
+    hessians = None
+    if any(q.endswith("-gptq") for q in quants):
         from teal.model.gptq import collect_hessians
 
         t1 = time.time()
@@ -86,12 +85,6 @@ def main() -> int:
         )
         print(f"GPTQ statistics: {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
     for q in quants:
-        if q.endswith("-gptq-sparse"):
-            rows += per_setting_gptq(
-                args, base, cal, tokens, cal_tokens, window, hessians, q, methods
-            )
-            save(args, base, parts, tokens, rows, t0)
-            continue
         model = base
         if q != "none":
             model = copy.deepcopy(base)
@@ -122,43 +115,6 @@ def main() -> int:
         del model
         save(args, base, parts, tokens, rows, t0)
     return 0
-
-
-def per_setting_gptq(args, base, cal, tokens, cal_tokens, window, hessians, q, methods) -> list:
-    """``FMT[-ZERO]-gptq-sparse``: the dense row from GPTQ on the dense model's
-    statistics; every sparse row from its own quantization, fitted to the sparse model at
-    that setting (``collect_hessians(..., sparse=True)``, every position sparse, as the
-    full protocol runs it)."""
-    from teal.commands.eval import evaluate_methods
-    from teal.eval.corpus import bos_token
-    from teal.model.gptq import collect_hessians
-    from teal.sparsity.methods import setting_for
-
-    if args.protocol != "full":
-        raise SystemExit("-gptq-sparse entries need --protocol full (every position sparse)")
-    fmt, _, zero = q.removesuffix("-gptq-sparse").partition("-")
-    bos = bos_token(base.tokenizer)
-    out = []
-    levels = [float(s) for s in args.sparsity.split(",")]
-    for method in methods:
-        for p in levels:
-            model = copy.deepcopy(base)
-            h = hessians
-            if p > 0:
-                t1 = time.time()
-                setting = setting_for(cal, method, p, model, mode="all")
-                model.set_sparsity(setting.thresholds, mode="all")
-                h = collect_hessians(model, cal_tokens, bos=bos, sparse=True)
-                model.clear_sparsity()
-                print(f"sparse statistics {method} {p}: {time.time() - t1:.0f} s", file=sys.stderr)
-            model.quantize(fmt, group_size=args.group_size, zero_point=zero or True, hessians=h)
-            label = model.quant.label() + "-sparse"
-            results, _ = evaluate_methods(
-                model, cal, tokens, [method], [p], ("full",), window=window, bos=bos
-            )
-            out += [{"quant": label, **r.to_json()} for r in results]
-            del model
-    return out
 
 
 def save(args, base, parts, tokens, rows, t0) -> None:

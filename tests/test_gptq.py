@@ -54,26 +54,6 @@ def test_less_output_error_than_round_to_nearest(fmt, g):
     assert int(codes.max()) <= (127 if fmt == "int8" else 15)
 
 
-def test_one_h_per_segment():
-    """Output columns depend only on their own H: one H per segment of a fused weight
-    gives each segment what that H alone gives it."""
-    k = 96
-    x = torch.randn(1024, k, generator=_gen(7)) @ (
-        torch.eye(k) + 0.3 * torch.randn(k, k, generator=_gen(8)) / k**0.5
-    )
-    h1 = x.t() @ x / 1024
-    h2 = (x * (x.abs() > 0.5)).t() @ (x * (x.abs() > 0.5)) / 1024
-    w = torch.randn(k, 48, generator=_gen(9)) * 0.05
-    both = gptq(w, (h1, h2), "int4", 32, (32, 16))
-    first = gptq(w[:, :32], h1, "int4", 32)
-    second = gptq(w[:, 32:], h2, "int4", 32)
-    deq = both.dequantize()
-    assert torch.allclose(deq[:, :32], first.dequantize(), atol=1e-6)
-    assert torch.allclose(deq[:, 32:], second.dequantize(), atol=1e-6)
-    with pytest.raises(ValueError, match="3 H matrices for 2 segments"):
-        gptq(w, (h1, h1, h1), "int4", 32, (32, 16))
-
-
 def test_dead_channel_is_rounded_to_nearest():
     k, n = 64, 16
     x = torch.randn(512, k, generator=_gen(4))
@@ -120,20 +100,5 @@ def test_quantized_model_with_gptq():
     out = q(ids[None, :32])
     assert torch.isfinite(out).all()
     assert float((out - dense).norm() / dense.norm()) < 0.2
-    # Statistics of the sparse model: one H per projection, dropped inputs zeroed.
-    with pytest.raises(ValueError, match="sparsity setting"):
-        collect_hessians(model, ids, seq_len=64, sparse=True)
-    thr = torch.full((2, 7), 0.5)
-    thr[:, 1] = 1e9  # k drops every input
-    model.set_sparsity(thr, mode="decode")
-    hs = collect_hessians(model, ids, seq_len=64, sparse=True)
-    assert model.sparse_mode == "decode"
-    assert len(hs[(0, "attn_in")]) == 3 and len(hs[(0, "mlp_mid")]) == 1
-    assert float(hs[(0, "attn_in")][1].abs().max()) == 0.0
-    assert float(torch.diagonal(hs[(0, "attn_in")][0]).sum()) < float(
-        torch.diagonal(h[(0, "attn_in")]).sum()
-    )
-    q2 = random_model(CFG, dtype=torch.float32, seed=1)
-    assert q2.quantize("int8", hessians=hs).source == "gptq"
     with pytest.raises(ValueError, match="no GPTQ statistics"):
         random_model(CFG, dtype=torch.float32, seed=1).quantize("int8", hessians={})
