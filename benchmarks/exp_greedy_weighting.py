@@ -17,6 +17,7 @@ from pathlib import Path
 
 import teal
 from teal.eval.corpus import load_corpus
+from teal.model import rotate
 from teal.sparsity import allocate, tables
 from teal.sparsity.artifact import Calibration
 
@@ -34,7 +35,8 @@ def remake(calibration: str, out: str, variants, configure, kinds=("greedy",)) -
         recorded = configure(variant)
         meta = copy.deepcopy(base.metadata)
         meta.pop("tables", None)
-        cal = Calibration(base.stats, meta)
+        keep = {k: v for k, v in base.tables.items() if k == rotate.TABLE}  # its basis
+        cal = Calibration(base.stats, meta, keep)
         start = time.perf_counter()
         tables.add_tables_from_text(model, cal, part, kinds=tuple(kinds))
         cal.metadata["tables"].update(recorded)

@@ -54,7 +54,7 @@ class Sparsity:
 
 def _load_calibration(calibration: str | os.PathLike | Calibration, model: Any) -> Calibration:
     if isinstance(calibration, Calibration):
-        calibration.check_model(model)
+        calibration.bind(model)
         return calibration
     if isinstance(calibration, (str, os.PathLike)):
         return Calibration.load(calibration, model)
@@ -148,7 +148,7 @@ def _tokenizer_of(hf_model: nn.Module) -> Any:
 def as_teal_model(hf_model: nn.Module, tokenizer: Any = None) -> Transformer:
     """Our ``Transformer`` with the weights of a ``transformers`` model (copied: it
     needs memory for a second copy of the weights), its fingerprint and tokenizer."""
-    from teal.hf import config_of, fingerprint
+    from teal.hf import InputMajorView, config_of, fingerprint
     from teal.model.build import from_checkpoint, parse_dtype
 
     param = next(hf_model.parameters())
@@ -157,6 +157,7 @@ def as_teal_model(hf_model: nn.Module, tokenizer: Any = None) -> Transformer:
     cfg = config_of(hf_model)
     model = from_checkpoint(cfg, state.__getitem__, dtype=dtype, device=param.device)
     model.fingerprint = fingerprint(hf_model)
+    model.value_bases = InputMajorView(hf_model).value_bases  # its weights' value basis
     model.source = getattr(hf_model, "name_or_path", None) or type(hf_model).__name__
     model.tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(hf_model)
     return model.eval()
@@ -173,6 +174,7 @@ def calibrate(
     methods: Sequence[str] = (DEFAULT_METHOD,),
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    rotate: bool | None = None,
 ) -> Calibration:
     """Activation statistics of ``model`` on ``text`` plus the tables ``methods`` need:
     the artifact ``teal calibrate`` writes, for our model or a ``transformers`` one.
@@ -182,6 +184,8 @@ def calibrate(
     ``tokenizer``: for a ``transformers`` model, read from its folder when not given.
     ``out``: also save it there (atomically).  A ``transformers`` model is copied into our
     layout for the passes (one more copy of the weights while it runs).
+    ``rotate``: fit a rotation of the value heads first (``teal.model.rotate``; default
+    ``ROTATE_VALUES``); our model is put in it now, a ``transformers`` one by ``sparsify``.
     """
     from teal.sparsity.calibrate import calibrate_text
     from teal.sparsity.methods import check_method
@@ -196,8 +200,9 @@ def calibrate(
         ours.tokenizer = tokenizer
     part = _text_part(text)
     cal = calibrate_text(
-        ours, part, tokens=int(tokens), seq_len=seq_len, batch_size=batch_size, progress=progress
-    )
+        ours, part, tokens=int(tokens), seq_len=seq_len, batch_size=batch_size,
+        progress=progress, rotate=rotate,
+    )  # fmt: skip
     kinds = kinds_for(methods)
     if kinds:
         add_tables_from_text(ours, cal, part, kinds=kinds, progress=progress)

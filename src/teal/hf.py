@@ -36,6 +36,7 @@ from teal.model.decoder import PROJECTIONS, SITE_PROJECTIONS
 # The site (our observer's name) whose input each projection reads.
 _SITE_OF = {PROJECTIONS[j]: site for site, js in SITE_PROJECTIONS.items() for j in js}
 _CATS_KEY = "mlp_cats"  # as teal.sparsity.scores.CATS_KEY (not imported: no import cycle)
+_BASES_ATTR = "_teal_value_bases"  # the value rotation a transformers model carries
 
 # Attribute paths of the seven projections inside a Llama-family decoder layer.
 _PATHS = {
@@ -107,10 +108,38 @@ class InputMajorView:
 
     def __init__(self, hf_model: nn.Module) -> None:
         self.config = config_of(hf_model)
+        self._hf = hf_model
         self.layers = [_BlockView(layer) for layer in _layers(hf_model)]
         self.device = next(hf_model.parameters()).device
         self.fingerprint = fingerprint(hf_model)
         self.source = getattr(hf_model, "name_or_path", None) or type(hf_model).__name__
+
+    # The value basis (``teal.model.rotate``) lives on the transformers model itself: a
+    # view is made per call, the weights it describes stay rotated.
+    value_bases = property(
+        lambda self: getattr(self._hf, _BASES_ATTR, None),
+        lambda self, v: setattr(self._hf, _BASES_ATTR, v),
+    )
+
+    @torch.no_grad()
+    def fold_values(self, delta: Tensor) -> None:
+        """``teal.model.rotate.fold`` on the transformers weights ([out, in]): v_proj's
+        rows of KV head ``g`` become ``delta^T`` times them, o_proj's columns of ``g``'s
+        query heads times ``delta``."""
+        cfg = self.config
+        hd, group = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+        for i, layer in enumerate(_layers(self._hf)):
+            v, o = layer.get_submodule(_PATHS["v"]), layer.get_submodule(_PATHS["o"])
+            for g in range(cfg.n_kv_heads):
+                q = delta[i, g].to(v.weight.device, torch.float64)
+                rows = slice(g * hd, (g + 1) * hd)
+                v.weight[rows] = (q.T @ v.weight[rows].double()).to(v.weight.dtype)
+                if v.bias is not None:
+                    v.bias[rows] = (v.bias[rows].double() @ q).to(v.bias.dtype)
+                for h in range(g * group, (g + 1) * group):
+                    cols = slice(h * hd, (h + 1) * hd)
+                    o.weight[:, cols] = (o.weight[:, cols].double() @ q).to(o.weight.dtype)
+        self.layers = [_BlockView(layer) for layer in _layers(self._hf)]  # fused copies anew
 
 
 def _layers(hf_model: nn.Module) -> nn.ModuleList:

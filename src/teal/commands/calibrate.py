@@ -61,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         f" {', '.join(METHODS)}; uniform needs none; default {DEFAULT_METHOD})",
     )
     p.add_argument(
+        "--no-rotation",
+        action="store_true",
+        help="keep each value head in the checkpoint's basis (default: rotate it into the"
+        " principal axes of its attention outputs, folded into v and o; free per token)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         metavar="FILE",
@@ -88,8 +94,9 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     # The library call (teal.calibrate) does the work: the CLI adds no logic of its own.
     cal = calibrate(
-        model, part, tokens=tokens, seq_len=seq_len, batch_size=batch_size, methods=methods
-    )
+        model, part, tokens=tokens, seq_len=seq_len, batch_size=batch_size, methods=methods,
+        rotate=False if args.no_rotation else None,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     stats_s = float(cal.metadata.get("seconds") or seconds)
     path = cal.save(out)

@@ -275,6 +275,9 @@ class Transformer(nn.Module):
         self.tokenizer = None
         self.source: str | None = None
         self.fingerprint: str | None = None
+        # The rotation of each KV head's values the weights carry relative to the
+        # checkpoint (``teal.model.rotate``; None: none).
+        self.value_bases: Tensor | None = None
 
     def reset_buffers(self) -> None:
         """(Re)make the fp32 buffers: RoPE frequencies and the threshold table.  Called

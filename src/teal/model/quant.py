@@ -409,7 +409,10 @@ def repack_gguf(model, lm_head: bool = True) -> QuantConfig:
     ``quantize_model(..., "int8")`` makes it (a Q8_0 head moves by at most half a step of
     its row's scale; on the default model the head is half the bytes of a 4-bit step,
     so left in float it would cap the speed-up); ``lm_head=False`` keeps it in float.
-    Each repacked weight is checked against the model's own copy before it replaces it."""
+    Each repacked weight is checked against the model's own copy before it replaces it.
+    A model whose value heads are rotated (``teal.model.rotate``, by its calibration) no
+    longer matches the file in wqkv and wo: those two are rounded from the model's
+    weights to the same format (groups of 32, float offsets) instead."""
     from teal.model.loaders import open_checkpoint
 
     source = getattr(model, "source", None) or ""
@@ -419,6 +422,7 @@ def repack_gguf(model, lm_head: bool = True) -> QuantConfig:
             f"{source or 'no file'}: use int4 or int8 instead"
         )
     cfg = model.config
+    rotated = getattr(model, "value_bases", None) is not None
     with open_checkpoint(source) as ckpt:
 
         def blocks(name: str):  # noqa: ANN202
@@ -450,6 +454,11 @@ def repack_gguf(model, lm_head: bool = True) -> QuantConfig:
                     for n in names
                 ]
                 wt = getattr(mod, attr)
+                if rotated and mod is att:
+                    # The file's blocks hold the unrotated v and o: round the model's own
+                    # (rotated) weights the same way instead (groups of 32, fp16 offsets).
+                    new.append((mod, attr, quantize_int4(wt, 32, splits, "offset", torch.float16)))
+                    continue
                 # Checked where the model lives (the file's blocks are read on the host).
                 qw = _repack(parts, splits or (wt.shape[1],)).to(wt.device)
                 _check_same(f"layer {i} {attr}", qw, wt, source)

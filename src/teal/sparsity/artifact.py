@@ -80,6 +80,22 @@ class Calibration:
                 f" {model.config.n_layers}: recalibrate with `teal calibrate`"
             )
 
+    @property
+    def value_bases(self) -> Tensor | None:
+        """The value basis the statistics were gathered in (``teal.model.rotate``)."""
+        from teal.model.rotate import TABLE
+
+        return self.tables.get(TABLE)
+
+    def bind(self, model: torch.nn.Module, path: str | os.PathLike | None = None) -> None:
+        """``check_model``, then put ``model`` in this calibration's value basis (a
+        rotation folded into wv and o_proj: the dense function is unchanged), so that its
+        attn-out inputs are what these statistics describe."""
+        from teal.model.rotate import set_value_bases
+
+        self.check_model(model, path)
+        set_value_bases(model, self.value_bases)
+
     # ----- files -----------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a temporary file in the same folder, then ``os.replace``,
@@ -111,7 +127,8 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> Calibration:
-        """Read a calibration file; with ``model``, also check that it belongs to it."""
+        """Read a calibration file; with ``model``, also check that it belongs to it and
+        put it in the calibration's value basis (``bind``)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -150,5 +167,5 @@ class Calibration:
         tables = {k: v for k, v in tensors.items() if not k.startswith(_STATS_PREFIX)}
         cal = cls(stats, meta, tables)
         if model is not None:
-            cal.check_model(model, path)
+            cal.bind(model, path)
         return cal

@@ -131,6 +131,8 @@ def setting_for(
     ``auto`` then chooses by that protocol's losses alone, and by both when it is None."""
     check_method(method)
     p = check_sparsity(sparsity)
+    if model is not None:
+        _check_basis(cal, model)
     stats = cal.stats
     n_layers = stats.n_layers
     if method == "uniform" or p == 0:
@@ -181,6 +183,20 @@ def setting_for(
     # keeps every nonzero input (the zeros CATS makes at mlp-mid are skipped by down).
     thr[:, 4] = tables.cats_stats(cal).site_thresholds(level)[:, 3]
     return Setting(method, p, thr, cats_scales(model), True, max_s)
+
+
+def _check_basis(cal: Calibration, model) -> None:
+    """The attn-out thresholds describe the value basis the calibration was made in."""
+    mine, theirs = getattr(model, "value_bases", None), cal.value_bases
+    same = (mine is None and theirs is None) or (
+        mine is not None and theirs is not None and torch.equal(mine, theirs)
+    )
+    if not same:
+        raise TealError(
+            "the model is not in this calibration's value basis (teal.model.rotate): bind"
+            " them first with cal.bind(model) (Calibration.load(path, model) and"
+            " teal.sparsify do)"
+        )
 
 
 def nominal_levels(cal: Calibration, method: str, sparsity: float) -> Tensor | None:

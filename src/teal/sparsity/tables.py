@@ -87,6 +87,9 @@ def add_tables(
     are gathered on the same ones); ``held_out``: a 1-D stream of other calibration
     tokens: the first ``HELD_OUT_TOKENS`` drive the greedy search, the next
     ``SELECT_TOKENS`` the method selection (the first ones again if there are fewer)."""
+    from teal.model.rotate import set_value_bases
+
+    set_value_bases(model, cal.value_bases)  # the basis the histograms were gathered in
     seq_len = int(cal.metadata.get("seq_len") or 2048)
     bos = cal.metadata.get("bos")
     meta = dict(cal.metadata.get("tables") or {})
