@@ -9,6 +9,7 @@ import torch
 
 from teal.errors import TealError
 from teal.eval.perplexity import SparsityMeter, evaluate
+from teal.model import rotate
 from teal.model.build import random_model
 from teal.model.config import ModelConfig
 from teal.model.decoder import SITE_PROJECTIONS
@@ -145,7 +146,8 @@ def test_tables_round_trip_and_missing(setup, tmp_path) -> None:
         assert torch.equal(back.tables[k], v)
     a = setting_for(cal, "greedy-layers", 0.5, model).thresholds
     assert torch.equal(a, setting_for(back, "greedy-layers", 0.5, model).thresholds)
-    bare = Calibration(cal.stats, dict(cal.metadata))
+    basis = {k: v for k, v in cal.tables.items() if k == rotate.TABLE}  # kept: not a method's
+    bare = Calibration(cal.stats, dict(cal.metadata), basis)
     bare.metadata.pop("tables")
     with pytest.raises(TealError, match="method tables"):
         setting_for(bare, "greedy", 0.5, model)

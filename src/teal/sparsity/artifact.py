@@ -23,7 +23,7 @@ FORMAT = "teal-calibration"
 FORMAT_VERSION = 1
 # Bumped when the way statistics are gathered changes (bins, sites, what is observed).
 STATS_METHOD = "abs-histogram-f32bits-256-per-octave"
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: attn-out statistics in the calibration's value basis (teal.model.rotate)
 _META_KEY = "teal"
 _STATS_PREFIX = "stats."
 
