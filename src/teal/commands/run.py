@@ -26,7 +26,7 @@ from teal.commands.eval import (
 
 RUN_SPARSITIES = "0,0.25,0.4,0.5,0.65"
 # Chosen so that the whole run fits in ten minutes on a 2-core CPU with the default
-# model: calibration with auto's tables takes about six of them there, then nine
+# model: calibration with auto's tables takes about five of them there (288 s), then nine
 # forward passes over this many tokens at roughly 300 tok/s (8,192 tokens took 630 s
 # in all on 2026-12-06; `teal eval --max-tokens 8192` gives the README's tables).
 RUN_MAX_TOKENS = 4096
