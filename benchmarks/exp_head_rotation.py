@@ -7,8 +7,9 @@ into the weights: ``v' = v Q_g`` (wv's output columns of head ``g``) and ``Q_g^T
 the rows of ``o_proj`` that read every query head of ``g``.  The dense model computes the
 same function (the largest logit difference is printed), no byte is added per token, and
 only ``attn-out`` sees other activations.  ``Q_g``: the eigenvectors of the second moment
-of the attention outputs of ``g``'s query heads (pooled), on the first ``--fit-tokens``
-calibration tokens.
+of the attention outputs of ``g``'s query heads (pooled), on the first 4,096
+calibration tokens (``teal.model.rotate``; the rotated variant is what ``teal.calibrate``
+makes by default, the plain one ``rotate=False``).
 
 For each variant (``plain``, ``rotated``): ``teal.calibrate`` (statistics and the method
 tables, as ``teal calibrate --dtype fp32``), then perplexity of uniform, greedy-layers
@@ -40,63 +41,12 @@ from teal.api import calibrate
 from teal.commands.eval import evaluate_methods
 from teal.eval.corpus import bos_token, load_corpus
 from teal.eval.perplexity import resolve_window
+from teal.model import rotate
 from teal.sparsity.methods import select_method
 
 LEVELS = (0.25, 0.4, 0.5, 0.65)
 MODES = {"decode-like": "decode", "full": "all"}
 CANDIDATES = ("uniform", "greedy-layers", "greedy-layers-seq")
-
-
-@torch.no_grad()
-def attn_out_moments(model, ids: torch.Tensor, window: int, bos: int | None) -> torch.Tensor:
-    """Second moments ``[layers, kv_heads, head_dim, head_dim]`` (fp64) of the attention
-    outputs, each KV head's query heads pooled."""
-    cfg = model.config
-    hd, group = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
-    acc = torch.zeros(cfg.n_layers, cfg.n_kv_heads, hd, hd, dtype=torch.float64)
-
-    def observe(layer, site, x, pos_mask):
-        if site != "attn_out":
-            return
-        z = x.reshape(-1, cfg.n_kv_heads, group, hd).double()
-        acc[layer] += torch.einsum("ngki,ngkj->gij", z, z)
-
-    saved, model.observer = model.observer, observe
-    try:
-        for start in range(0, ids.numel(), window - (bos is not None)):
-            chunk = ids[start : start + window - (bos is not None)]
-            if bos is not None:
-                chunk = torch.cat([torch.tensor([bos]), chunk])
-            model(chunk[None])
-    finally:
-        model.observer = saved
-    return acc
-
-
-def pca_bases(moments: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors, largest eigenvalue first, of each ``[hd, hd]`` moment."""
-    _, vecs = torch.linalg.eigh(moments)
-    return vecs.flip(-1)
-
-
-@torch.no_grad()
-def rotate_values(model, bases: torch.Tensor) -> None:
-    """Fold ``bases[layer, g]`` into wv's columns of KV head ``g`` and o_proj's rows of
-    its query heads, in place (fp64 products, rounded once to the model's dtype)."""
-    cfg = model.config
-    hd, group = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
-    v0 = (cfg.n_heads + cfg.n_kv_heads) * hd
-    for layer, blk in enumerate(model.layers):
-        att = blk.attention
-        for g in range(cfg.n_kv_heads):
-            q = bases[layer, g].double()
-            cols = slice(v0 + g * hd, v0 + (g + 1) * hd)
-            att.wqkv[:, cols] = (att.wqkv[:, cols].double() @ q).to(att.wqkv.dtype)
-            if att.bqkv is not None:
-                att.bqkv[cols] = (att.bqkv[cols].double() @ q).to(att.bqkv.dtype)
-            for h in range(g * group, (g + 1) * group):
-                rows = slice(h * hd, (h + 1) * hd)
-                att.wo[rows] = (q.T @ att.wo[rows].double()).to(att.wo.dtype)
 
 
 @torch.no_grad()
@@ -136,7 +86,7 @@ def proxy_errors(model, ids, window, bos, bases) -> dict:
 
 def run_variant(name, model, ev_tokens, window, bos, levels, cal_dir) -> dict:
     start = time.perf_counter()
-    cal = calibrate(model, None, methods=("auto",), progress=False)
+    cal = calibrate(model, None, methods=("auto",), progress=False, rotate=name == "rotated")
     cal_s = time.perf_counter() - start
     print(f"{name}: calibrated in {cal_s:.0f} s", flush=True)
     if cal_dir:
@@ -169,7 +119,6 @@ def run_variant(name, model, ev_tokens, window, bos, levels, cal_dir) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file for the results")
-    ap.add_argument("--fit-tokens", type=int, default=4096, help="calibration tokens for Q")
     ap.add_argument("--max-tokens", type=int, default=8192, help="evaluation tokens")
     ap.add_argument("--skip-tokens", type=int, default=0, help="evaluation tokens skipped first")
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="comma list")
@@ -182,24 +131,23 @@ def main() -> None:
     window = resolve_window(model, None)
     parts = load_corpus(None).split()
     bos = bos_token(model.tokenizer)
-    fit = parts["calibration"].tokens(model.tokenizer, args.fit_tokens)
+    fit = parts["calibration"].tokens(model.tokenizer, rotate.FIT_TOKENS)
     ev = parts["evaluation"].tokens(model.tokenizer, args.skip_tokens + args.max_tokens)
     ev = ev[args.skip_tokens :]
     levels = [float(v) for v in args.levels.split(",")]
 
     start = time.perf_counter()
-    bases = pca_bases(attn_out_moments(model, fit, window, bos))
-    fit_s = time.perf_counter() - start
     rotated = copy.deepcopy(model)
-    rotate_values(rotated, bases)
-    rotated.fingerprint = f"{model.fingerprint}-vrot"
+    rotate.fit_and_rotate(rotated, fit, window, bos)  # what calibration does (rotate=True)
+    fit_s = time.perf_counter() - start
     with torch.no_grad():
         ids = ev[:512][None]
         dense_diff = float((model(ids) - rotated(ids)).abs().max())
+    del rotated
     print(f"fit {fit_s:.1f} s, dense max |logit diff| {dense_diff:.2e}", flush=True)
     half = fit.numel() // 2
-    proxy = proxy_errors(model, fit[half:], window, bos, pca_bases(
-        attn_out_moments(model, fit[:half], window, bos)))  # fmt: skip
+    bases = rotate.principal_axes(rotate.value_moments(model, fit[:half], window, bos))
+    proxy = proxy_errors(model, fit[half:], window, bos, bases)
     print("proxy o_proj relative error (mean over layers):", json.dumps(proxy), flush=True)
 
     record = {
@@ -219,10 +167,10 @@ def main() -> None:
         " chosen candidate's row",
         "variants": {},
     }
-    models = {"plain": model, "rotated": rotated}
     for name in filter(None, args.variants.split(",")):
+        # Each variant calibrates a fresh copy: the rotated one is rotated by calibration.
         record["variants"][name] = run_variant(
-            name, models[name], ev, window, bos, levels, args.cal_dir
+            name, copy.deepcopy(model), ev, window, bos, levels, args.cal_dir
         )
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
