@@ -18,13 +18,13 @@ CFG = ModelConfig(
 )  # fmt: skip
 
 
-def _pair():
+def _pair(cfg=CFG):
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(**CFG.to_hf()), attn_implementation="eager"
+        transformers.AutoConfig.for_model(**cfg.to_hf()), attn_implementation="eager"
     ).eval()
-    ours = from_checkpoint(CFG, hf.state_dict().__getitem__, dtype=torch.float32)
-    ours.fingerprint = fingerprint(CFG, hf.state_dict().__getitem__)
+    ours = from_checkpoint(cfg, hf.state_dict().__getitem__, dtype=torch.float32)
+    ours.fingerprint = fingerprint(cfg, hf.state_dict().__getitem__)
     return hf, ours
 
 

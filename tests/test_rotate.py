@@ -104,18 +104,12 @@ def test_calibration_records_the_basis_and_binds_a_fresh_model(tmp_path):
 
 
 def test_a_transformers_model_is_rotated_like_ours():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import teal
-    from teal.model.build import fingerprint, from_checkpoint
     from test_calibration import CharTokenizer
-    from test_hf_adapter import _texts
+    from test_hf_adapter import _pair, _texts
 
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(**CFG.to_hf()), attn_implementation="eager"
-    ).eval()
-    ours = from_checkpoint(CFG, hf.state_dict().__getitem__, dtype=torch.float32)
-    ours.fingerprint = fingerprint(CFG, hf.state_dict().__getitem__)
+    hf, ours = _pair(CFG)
     ours.tokenizer = CharTokenizer(CFG.vocab_size)
     ids = _ids(24, seed=5)[None]
     with torch.no_grad():
