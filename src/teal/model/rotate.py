@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from teal.errors import TealError
+from teal.sparsity.stats import windows
 
 # Calibration tokens the rotation is fitted on (the first of the calibration stream): a
 # 64 x 64 second moment per KV head needs far fewer, and the pass costs about 3 % of a
@@ -51,16 +52,9 @@ def value_moments(model, token_ids: Tensor, seq_len: int, bos: int | None = None
             z = x.reshape(-1, cfg.n_kv_heads, group, hd).double().cpu()
             acc[layer] += torch.einsum("ngki,ngkj->gij", z, z)
 
-    if token_ids.dim() == 1:
-        step = seq_len - (bos is not None)
-        windows = [token_ids[i : i + step] for i in range(0, token_ids.numel(), step)]
-        if bos is not None:
-            windows = [torch.cat([torch.tensor([bos], dtype=w.dtype), w]) for w in windows]
-    else:
-        windows = list(token_ids)
     saved, model.observer = model.observer, observe
     try:
-        for w in windows:
+        for w in windows(token_ids, seq_len, bos):
             model(w[None].to(model.device))
     finally:
         model.observer = saved
@@ -105,13 +99,18 @@ def fold(model, delta: Tensor) -> None:
                 att.wo[rows] = (q.T @ att.wo[rows].double()).to(att.wo.dtype)
 
 
+def same_basis(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether two recorded bases (None: the checkpoint's own) are the same."""
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a, b)
+
+
 def set_value_bases(model, target: Tensor | None) -> None:
     """Put ``model`` (ours, or ``teal.hf.InputMajorView``) in the value basis ``target``
     (None: the checkpoint's own), folding only the difference from its current one."""
     current = getattr(model, "value_bases", None)
-    if current is None and target is None:
-        return
-    if current is not None and target is not None and torch.equal(current, target):
+    if same_basis(current, target):
         return
     cfg = model.config
     shape = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim)

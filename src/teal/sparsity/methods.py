@@ -187,11 +187,9 @@ def setting_for(
 
 def _check_basis(cal: Calibration, model) -> None:
     """The attn-out thresholds describe the value basis the calibration was made in."""
-    mine, theirs = getattr(model, "value_bases", None), cal.value_bases
-    same = (mine is None and theirs is None) or (
-        mine is not None and theirs is not None and torch.equal(mine, theirs)
-    )
-    if not same:
+    from teal.model.rotate import same_basis
+
+    if not same_basis(getattr(model, "value_bases", None), cal.value_bases):
         raise TealError(
             "the model is not in this calibration's value basis (teal.model.rotate): bind"
             " them first with cal.bind(model) (Calibration.load(path, model) and"
