@@ -39,10 +39,6 @@ DAMP = 0.01  # diagonal loading, as a fraction of the mean of diag(H)
 BLOCK = 128  # channels per lazy batch update (a multiple of every group size)
 
 
-class _Done(Exception):
-    pass
-
-
 @torch.inference_mode()
 def collect_hessians(
     model,
@@ -58,7 +54,7 @@ def collect_hessians(
     the few positions with massive activations (an attention sink carries most of a
     site's energy) decide it."""
     from teal.model.decoder import SITES
-    from teal.sparsity.stats import windows
+    from teal.sparsity.stats import _Done, windows
 
     cfg = model.config
     rows = [r for r in windows(token_ids, min(seq_len, cfg.max_seq_len), bos) if r.numel()]
