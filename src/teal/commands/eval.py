@@ -153,12 +153,6 @@ def get_calibration(
     return cal
 
 
-def thresholds_table(cal: Any, method: str, sparsities: list[float]) -> dict[float, Any]:
-    from teal.sparsity.methods import thresholds_for
-
-    return {p: (None if p == 0 else thresholds_for(cal, method, p)) for p in sparsities}
-
-
 def evaluate_methods(
     model: Any,
     cal: Any,
