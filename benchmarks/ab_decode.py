@@ -9,7 +9,9 @@ A variant is ``NAME:KEY=VALUE,...``, what the kernels' launchers see while that
 variant's graph is captured (a replay runs what was captured): environment variables
 (``TEAL_PDL``: see ``kernels/triton_gemv.py``), and ``cfg.FIELD=VALUE`` to override a
 field of every batch-1 ``GemvConfig``, quantized formats too (``cfg.num_stages=3``;
-``cfg.split_mul`` scales ``split_k``). Each row reports the median of ``--rounds`` timed
+``cfg.split_mul`` scales ``split_k``), and ``lowrank=R`` to run the low-rank split of the
+MLP input (``teal.model.lowrank``) with random orthonormal bases of rank R (its cost:
+the thresholds stay the plain model's). Each row reports the median of ``--rounds`` timed
 runs of ``--new-tokens`` tokens and its ratio to the first variant's dense row.
 """
 
@@ -29,6 +31,7 @@ from teal.kernels import triton_gemv as tg
 from teal.kernels import triton_quant as tq
 from teal.model.build import parse_dtype, random_model
 from teal.model.config import PRESETS
+from teal.model.lowrank import set_lowrank
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_decode import calibrate, header  # noqa: E402
@@ -84,12 +87,32 @@ def main() -> None:
     current = {"name": variants[0][0]}
     plain_key = engine._key
     engine._key = lambda: (*plain_key(), current["name"])
-    saved = {k for _, env in variants for k in env if not k.startswith("cfg.")}
+    own = ("cfg.", "lowrank")
+    saved = {k for _, env in variants for k in env if not k.startswith(own)}
+    splits: dict[int, tuple] = {}
+
+    def use_split(rank: int) -> None:
+        """The same tensors every time, so each variant's captured graph stays valid."""
+        if not rank:
+            set_lowrank(model, None)
+            return
+        if rank not in splits:
+            cfg = model.config
+            g = torch.Generator().manual_seed(rank)
+            a = torch.randn(cfg.n_layers, cfg.dim, rank, generator=g)
+            set_lowrank(model, torch.linalg.qr(a).Q.contiguous())
+            tensors = [(blk.mlp.lr_u, blk.mlp.lr_uw) for blk in model.layers]
+            splits[rank] = (model.lowrank_bases, tensors)
+        bases, tensors = splits[rank]
+        for blk, (u, uw) in zip(model.layers, tensors, strict=True):
+            blk.mlp.set_lowrank(u, uw)
+        model.lowrank_bases = bases
 
     def select(name: str, env: dict[str, str], p: float) -> float:
         for k in saved:
             os.environ.pop(k, None)
-        os.environ.update({k: v for k, v in env.items() if not k.startswith("cfg.")})
+        os.environ.update({k: v for k, v in env.items() if not k.startswith(own)})
+        use_split(int(env.get("lowrank", 0)))
         _OVERRIDE.clear()
         _OVERRIDE.update({k[4:]: float(v) for k, v in env.items() if k.startswith("cfg.")})
         current["name"] = name

@@ -24,6 +24,7 @@ from teal.engine.cuda import CudaEngine, benchmark
 from teal.generate import generate
 from teal.model.build import parse_dtype, random_model
 from teal.model.config import PRESETS
+from teal.model.lowrank import set_lowrank
 from teal.sparsity.stats import collect_stats
 
 
@@ -65,10 +66,15 @@ def measured_sparsity(model, thresholds, tokens: list[int]) -> float:
     return float((frac * weights).sum() / (weights.sum() * cfg.n_layers))
 
 
-def check_engine(dtype: torch.dtype, steps: int = 64) -> dict:
+def check_engine(dtype: torch.dtype, steps: int = 64, lowrank: int = 0) -> dict:
     """Sparse engine (Triton kernels, compiled, CUDA graph) against the eager plain-torch
-    sparse reference on a random model of the default model's configuration."""
+    sparse reference on a random model of the default model's configuration; with
+    ``lowrank``, both run a low-rank split of the MLP input (random orthonormal bases)."""
     model = random_model(PRESETS["default"], dtype=dtype, device="cuda", seed=3)
+    if lowrank:
+        cfg = model.config
+        a = torch.randn(cfg.n_layers, cfg.dim, lowrank, generator=torch.Generator().manual_seed(4))
+        set_lowrank(model, torch.linalg.qr(a).Q.contiguous())
     thr = calibrate(model).thresholds(0.5)
     prompt = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator())
     model.set_sparsity(thr, mode="decode")
@@ -103,6 +109,7 @@ def check_engine(dtype: torch.dtype, steps: int = 64) -> dict:
         "teacher_forced_max_gap": float(gap.max()),
         "teacher_forced_tolerance": tol,
         "dtype": str(dtype).removeprefix("torch."),
+        "lowrank": lowrank,
         "steps": steps,
         "identical_tokens": same,
         "tokens_equal": out == ref.token_ids,
@@ -133,6 +140,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", default="blocks", choices=("blocks", "step", "none"))
     ap.add_argument("--check", action="store_true", help="also run the engine correctness check")
+    ap.add_argument(
+        "--check-lowrank", type=int, default=0, metavar="R",
+        help="run the check with a low-rank split of rank R too",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = {
@@ -142,8 +153,13 @@ def main() -> None:
         "compile": args.compile,
     }
     if args.check:
+        # Every check compiles Block.forward for a fresh model, dtype and split: more
+        # variants of one code object than dynamo's default limit allows.
+        torch._dynamo.config.recompile_limit = 64
         result["checks"] = [
-            check_engine(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)
+            check_engine(dt, lowrank=r)
+            for r in sorted({0, args.check_lowrank})
+            for dt in (torch.float32, torch.bfloat16, torch.float16)
         ]
         print(json.dumps(result["checks"]), flush=True)
     t0 = time.time()

@@ -175,6 +175,7 @@ def calibrate(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     rotate: bool | None = None,
+    lowrank: int = 0,
 ) -> Calibration:
     """Activation statistics of ``model`` on ``text`` plus the tables ``methods`` need:
     the artifact ``teal calibrate`` writes, for our model or a ``transformers`` one.
@@ -186,6 +187,8 @@ def calibrate(
     layout for the passes (one more copy of the weights while it runs).
     ``rotate``: fit a rotation of the value heads first (``teal.model.rotate``; default
     ``ROTATE_VALUES``); our model is put in it now, a ``transformers`` one by ``sparsify``.
+    ``lowrank``: split each MLP input into a dense rank-``lowrank`` part and a sparse
+    remainder (``teal.model.lowrank``; 0, the default: no split).  Our model only.
     """
     from teal.sparsity.calibrate import calibrate_text
     from teal.sparsity.methods import check_method
@@ -195,13 +198,20 @@ def calibrate(
         check_method(m)
     if int(tokens) < 1:
         raise TealError(f"tokens must be positive, got {tokens}")
+    if int(lowrank) < 0:
+        raise TealError(f"lowrank must be 0 (off) or a positive rank, got {lowrank}")
+    if lowrank and not isinstance(model, Transformer):
+        raise TealError(
+            "the low-rank split (lowrank=) runs on teal's own model only: load the"
+            " checkpoint with teal.load"
+        )
     ours = model if isinstance(model, Transformer) else as_teal_model(model, tokenizer)
     if tokenizer is not None and ours is model:
         ours.tokenizer = tokenizer
     part = _text_part(text)
     cal = calibrate_text(
         ours, part, tokens=int(tokens), seq_len=seq_len, batch_size=batch_size,
-        progress=progress, rotate=rotate,
+        progress=progress, rotate=rotate, lowrank=int(lowrank),
     )  # fmt: skip
     kinds = kinds_for(methods)
     if kinds:

@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         " principal axes of its attention outputs, folded into v and o; free per token)",
     )
     p.add_argument(
+        "--lowrank",
+        default="0",
+        metavar="R",
+        help="split each MLP input into its top-R principal subspace, read dense, and a"
+        " sparsified remainder (teal.model.lowrank; the extra weights are counted in the"
+        " sparsity; default 0: off; teal's own model only)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         metavar="FILE",
@@ -88,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
     seq_len = positive_int(args.seq_len, "--seq-len")
     batch_size = positive_int(args.batch_size, "--batch-size")
     methods = parse_methods(args.method)
+    lowrank = 0 if str(args.lowrank) == "0" else positive_int(args.lowrank, "--lowrank")
     model = teal.load(args.model, dtype=args.dtype, device=args.device)
     part = load_corpus(args.text).part("calibration")
     out = args.out or default_path(model, part)
@@ -95,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     # The library call (teal.calibrate) does the work: the CLI adds no logic of its own.
     cal = calibrate(
         model, part, tokens=tokens, seq_len=seq_len, batch_size=batch_size, methods=methods,
-        rotate=False if args.no_rotation else None,
+        rotate=False if args.no_rotation else None, lowrank=lowrank,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     stats_s = float(cal.metadata.get("seconds") or seconds)

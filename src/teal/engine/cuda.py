@@ -99,9 +99,15 @@ class CudaEngine:
 
     def _key(self) -> tuple:
         m = self.model
-        # The scales' identity is part of the key (a graph reads the tensors it was
-        # captured with); the entry holds a reference to them, so the id stays unique.
-        return (m.sparse_mode, m.sparse_backend, id(m.sparse_scales))
+        # The identities of the scales and of the low-rank split (teal.model.lowrank) are
+        # part of the key (a graph reads the tensors it was captured with); the entry holds
+        # references to them, so the ids stay unique.
+        return (m.sparse_mode, m.sparse_backend, id(m.sparse_scales), id(m.lowrank_bases))
+
+    def _captured_tensors(self) -> tuple:
+        m = self.model
+        split = [(blk.mlp.lr_u, blk.mlp.lr_uw) for blk in m.layers]
+        return (m.sparse_scales, m.lowrank_bases, split)
 
     def capture(self) -> float:
         """Compile and capture the step for the model's current sparsity mode; returns the
@@ -129,7 +135,7 @@ class CudaEngine:
         self.pos.copy_(saved_pos)
         torch.cuda.synchronize()
         self.graph = graph
-        self.graphs[key] = (graph, self.model.sparse_scales)
+        self.graphs[key] = (graph, self._captured_tensors())
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
 

@@ -195,12 +195,14 @@ def score_task(
     from tqdm.auto import tqdm
 
     from teal.eval.perplexity import SparsityMeter
+    from teal.model.lowrank import model_overhead
 
     sparse = model.sparse_mode != "off"
     meter = SparsityMeter(
         model.config,
         model.thresholds if sparse else torch.zeros_like(model.thresholds),
         model.sparse_scales if sparse else None,
+        overhead=model_overhead(model) if sparse else 0.0,
     )
     examples = task.examples[:limit] if limit else task.examples
     seqs = []  # (example, choice, context ids, continuation ids)

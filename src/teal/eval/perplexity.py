@@ -26,6 +26,7 @@ from torch import Tensor
 
 from teal.errors import ContextLengthError, TealError
 from teal.model.decoder import PROJECTIONS, SITE_PROJECTIONS, SITES
+from teal.model.lowrank import model_overhead
 
 PROTOCOLS = ("decode-like", "full")
 DEFAULT_WINDOW = 2048
@@ -64,8 +65,10 @@ class SparsityMeter:
         thresholds: Tensor,
         scales: list[dict[str, Tensor]] | None = None,
         every: int = 1,
+        overhead: float = 0.0,
     ) -> None:
         self.config = config
+        self.overhead = float(overhead)  # weights read densely beside the sparse ones
         self.thresholds = thresholds.detach().float().cpu()
         self.scales = scales
         self.every = max(1, int(every))
@@ -134,7 +137,9 @@ class SparsityMeter:
             [float(k * m) for k, m in (shapes[p] for p in PROJECTIONS)], dtype=torch.float64
         )
         frac = self.zeroed / self.seen.clamp(min=1)
-        return float((frac * n).sum() / (n.sum() * frac.shape[0]))
+        skipped = float((frac * n).sum() / (n.sum() * frac.shape[0]))
+        # A low-rank split (teal.model.lowrank) reads its dense term in every step.
+        return skipped - self.overhead
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,7 @@ def evaluate(
                 thr if thr is not None else torch.zeros_like(model.thresholds),
                 scales if thr is not None else None,
                 every=meter_every,
+                overhead=model_overhead(model) if thr is not None else 0.0,
             )
             model.observer = meter
             # Full protocol on the reference backend: mode "all" sparsifies every position

@@ -1450,13 +1450,14 @@ def _plan_tensors(block) -> list[Tensor]:  # noqa: ANN001
 
 def _plan_inputs(block, thresholds: Tensor, scales) -> list[Tensor] | None:  # noqa: ANN001
     """Every tensor a ``_BlockPlan`` of ``block`` points into, or None where the fused
-    step does not apply: mixed weight formats, non-contiguous weights, CATS, no cache, a
-    dtype or activation without a kernel."""
+    step does not apply: mixed weight formats, non-contiguous weights, CATS, a low-rank
+    split, no cache, a dtype or activation without a kernel."""
     act = block.mlp.act
     if (
         block.attention.kv_cache is None
         or act not in _ACT_CODE
         or (scales and "mlp_cats" in scales)
+        or block.mlp.lr_u is not None  # the low-rank split runs in MLP.forward
     ):
         return None
     weights = _projection_weights(block)

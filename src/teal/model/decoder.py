@@ -196,6 +196,13 @@ class MLP(_Tracked):
         self.act = cfg.act
         self.w_gate_up = nn.Parameter(torch.empty(cfg.dim, 2 * cfg.ffn_dim))  # [gate | up]
         self.w_down = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))
+        # The low-rank split of the gate|up input (``teal.model.lowrank``): U [dim, r] and
+        # U^T W [r, 2 ffn], or None.
+        self.register_buffer("lr_u", None, persistent=False)
+        self.register_buffer("lr_uw", None, persistent=False)
+
+    def set_lowrank(self, u: Tensor | None, uw: Tensor | None) -> None:
+        self.lr_u, self.lr_uw = u, uw
 
     def forward(
         self,
@@ -206,15 +213,40 @@ class MLP(_Tracked):
         residual: Tensor | None = None,
     ) -> Tensor:
         pos_mask = sparse.pos_mask if sparse else None
-        if observer is not None:
-            observer(self.layer, "mlp_in", x, pos_mask)
-        mid = project_gate_up(x, self.w_gate_up, sparse, self.act, norm=norm)
+        cats = sparse is not None and sparse.scales and "mlp_cats" in sparse.scales
+        if self.lr_u is not None and (sparse is not None or observer is not None) and not cats:
+            mid = self._split_gate_up(x, sparse, observer, norm)
+        else:
+            if observer is not None:
+                observer(self.layer, "mlp_in", x, pos_mask)
+            mid = project_gate_up(x, self.w_gate_up, sparse, self.act, norm=norm)
         if observer is not None:
             observer(self.layer, "mlp_mid", mid, pos_mask)
         dim = self.w_down.shape[1]
         return project(
             mid, self.w_down, None, sparse, slice(6, 7), (dim,), "mlp_mid", residual=residual
         )
+
+    def _split_gate_up(
+        self,
+        x: Tensor,
+        sparse: SparseCall | None,
+        observer: Observer | None,
+        norm: tuple[Tensor, float] | None,
+    ) -> Tensor:
+        """``act(gate) * up`` with the input split (``teal.model.lowrank``): the rank-r
+        part ``(x U) (U^T W)`` dense, the remainder ``x - x U U^T`` sparsified (and
+        observed) as the site's input.  The kernels see a plain gate|up projection."""
+        if norm is not None:
+            x = reference.rms_norm(x, *norm)
+        z = x @ self.lr_u
+        res = x - z @ self.lr_u.T
+        if observer is not None:
+            observer(self.layer, "mlp_in", res, sparse.pos_mask if sparse else None)
+        ffn = self.w_gate_up.shape[1] // 2
+        gu = project(res, self.w_gate_up, None, sparse, slice(4, 6), (ffn, ffn), "mlp_in")
+        gu = (gu.float() + z.float() @ self.lr_uw.float()).to(x.dtype)
+        return (reference.apply_act(gu[..., :ffn].float(), self.act) * gu[..., ffn:]).to(x.dtype)
 
 
 class Block(_Tracked):
@@ -278,6 +310,8 @@ class Transformer(nn.Module):
         # The rotation of each KV head's values the weights carry relative to the
         # checkpoint (``teal.model.rotate``; None: none).
         self.value_bases: Tensor | None = None
+        # The low-rank split of each MLP input (``teal.model.lowrank``; None: none).
+        self.lowrank_bases: Tensor | None = None
 
     def reset_buffers(self) -> None:
         """(Re)make the fp32 buffers: RoPE frequencies and the threshold table.  Called

@@ -91,6 +91,27 @@ class BlockInputs:
     mlp_x: Tensor  # [B, T, dim] normalised MLP input of the dense model (site mlp_in)
     block_in: Tensor  # [B, T, dim] residual stream entering the block
     block_out: Tensor  # [B, T, dim] residual stream leaving the block
+    # [B, T, 2 ffn] the dense rank-r term of gate|up under a low-rank split
+    # (teal.model.lowrank; mlp_x is then the sparsified remainder), else None.
+    mlp_low: Tensor | None = None
+
+
+def _low_hooks(model, got: dict) -> list:
+    """Forward pre-hooks recording each MLP's dense rank-r gate|up term as
+    ``got[(layer, "low")]`` (none without a low-rank split)."""
+
+    def hook(i: int) -> Callable:
+        def fn(module, args) -> None:
+            x = args[0].detach().float()
+            got[(i, "low")] = (x @ module.lr_u.float()) @ module.lr_uw.float()
+
+        return fn
+
+    return [
+        blk.mlp.register_forward_pre_hook(hook(i))
+        for i, blk in enumerate(model.layers)
+        if blk.mlp.lr_u is not None
+    ]
 
 
 @torch.inference_mode()
@@ -111,6 +132,7 @@ def capture_inputs(model, ids: Tensor) -> list[BlockInputs]:
         return fn
 
     handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(model.layers)]
+    handles += _low_hooks(model, got)
     saved = (model.observer, model.sparse_mode)
     model.observer, model.sparse_mode = observe, "off"
     try:
@@ -120,7 +142,13 @@ def capture_inputs(model, ids: Tensor) -> list[BlockInputs]:
         for h in handles:
             h.remove()
     return [
-        BlockInputs(got[(i, "attn_in")], got[(i, "mlp_in")], got[(i, "in")], got[(i, "out")])
+        BlockInputs(
+            got[(i, "attn_in")],
+            got[(i, "mlp_in")],
+            got[(i, "in")],
+            got[(i, "out")],
+            got.get((i, "low")),
+        )
         for i in range(n)
     ]
 
@@ -162,16 +190,25 @@ def capture_sparse_inputs(
     emb = torch.cat((freqs, freqs), dim=-1)
     rope = (emb.cos().to(model.dtype), emb.sin().to(model.dtype))
     out = []
-    for i, blk in enumerate(model.layers):
-        got: dict[str, Tensor] = {}
+    low: dict = {}
+    handles = _low_hooks(model, low)
+    try:
+        for i, blk in enumerate(model.layers):
+            got: dict[str, Tensor] = {}
 
-        def observe(layer, site, x, pos_mask, got: dict[str, Tensor] = got) -> None:
-            if site in ("attn_in", "mlp_in"):
-                got[site] = x.detach().float().clone()
+            def observe(layer, site, x, pos_mask, got: dict[str, Tensor] = got) -> None:
+                if site in ("attn_in", "mlp_in"):
+                    got[site] = x.detach().float().clone()
 
-        mask_i = model._mask(pos, pos, model.config.sliding_windows[i])
-        h = blk(block_in[i], rope, mask_i, None, None, observe)
-        out.append(BlockInputs(got["attn_in"], got["mlp_in"], block_in[i].float(), h.float()))
+            mask_i = model._mask(pos, pos, model.config.sliding_windows[i])
+            h = blk(block_in[i], rope, mask_i, None, None, observe)
+            low_i = low.get((i, "low"))
+            out.append(
+                BlockInputs(got["attn_in"], got["mlp_in"], block_in[i].float(), h.float(), low_i)
+            )
+    finally:
+        for hd in handles:
+            hd.remove()
     return out
 
 
@@ -206,7 +243,14 @@ class _Block:
     """One block's weights in fp32 and the attention geometry, with the pieces a try
     recomputes."""
 
-    def __init__(self, model, layer: int, seq_len: int, dense_first: bool = DENSE_FIRST) -> None:
+    def __init__(
+        self,
+        model,
+        layer: int,
+        seq_len: int,
+        dense_first: bool = DENSE_FIRST,
+        mlp_low: Tensor | None = None,
+    ) -> None:
         cfg = model.config
         blk = model.layers[layer]
         att, mlp = blk.attention, blk.mlp
@@ -221,6 +265,11 @@ class _Block:
         ffn = cfg.ffn_dim
         wgu = mlp.w_gate_up.detach().float()
         self.w += [wgu[:, :ffn], wgu[:, ffn:], mlp.w_down.detach().float()]
+        # The dense rank-r terms of gate and up under a low-rank split, added to their
+        # sparse products of the remainder (what MLP.forward computes).
+        self.low = [None] * 7
+        if mlp_low is not None:
+            self.low[4], self.low[5] = mlp_low[..., :ffn], mlp_low[..., ffn:]
         self.act = cfg.act
         self.dense_first = dense_first
         pos = torch.arange(seq_len, device=wqkv.device)
@@ -231,7 +280,7 @@ class _Block:
 
     def proj(self, j: int, x: Tensor, t: float) -> Tensor:
         y = _sparsify(x, t, self.dense_first) @ self.w[j]
-        b = self.b[j] if j < 3 else None
+        b = self.b[j] if j < 3 else self.low[j]
         return y if b is None else y + b
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -269,7 +318,7 @@ def greedy_layer(
 
     ``site_thresholds(j, levels)`` gives projection ``j``'s thresholds at the given
     levels (quantiles of the calibration statistics of the site it reads)."""
-    blk = _Block(model, layer, inputs.attn_x.shape[1], dense_first)
+    blk = _Block(model, layer, inputs.attn_x.shape[1], dense_first, inputs.mlp_low)
     sizes = projection_sizes(model.config)
     step = (delta * sizes.sum() / sizes).tolist()
     n_rows = int(round(max_block / delta)) + 1
@@ -567,7 +616,7 @@ def block_error(
     """The greedy search's error measure for one layer at thresholds ``[7]``: squared
     error of the attention and MLP outputs against dense, relative to the squared
     norm of the block's dense output."""
-    blk = _Block(model, layer, inputs.attn_x.shape[1], dense_first)
+    blk = _Block(model, layer, inputs.attn_x.shape[1], dense_first, inputs.mlp_low)
     t = [float(v) for v in thresholds]
     ax, mx = inputs.attn_x, inputs.mlp_x
     w, norm = token_weights(inputs, weighting)

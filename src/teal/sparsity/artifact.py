@@ -87,14 +87,31 @@ class Calibration:
 
         return self.tables.get(TABLE)
 
+    @property
+    def lowrank_bases(self) -> Tensor | None:
+        """The split of the MLP input the mlp-in statistics describe (``teal.model.lowrank``)."""
+        from teal.model.lowrank import TABLE
+
+        return self.tables.get(TABLE)
+
+    @property
+    def lowrank_overhead(self) -> float:
+        """Weights the split's dense term adds, as a share of the projections' (0: none)."""
+        if self.lowrank_bases is None:
+            return 0.0
+        return float(self.metadata["lowrank"]["overhead"])
+
     def bind(self, model: torch.nn.Module, path: str | os.PathLike | None = None) -> None:
         """``check_model``, then put ``model`` in this calibration's value basis (a
-        rotation folded into wv and o_proj: the dense function is unchanged), so that its
-        attn-out inputs are what these statistics describe."""
+        rotation folded into wv and o_proj: the dense function is unchanged) and give it
+        this calibration's split of the MLP input, so that its attn-out and mlp-in
+        inputs are what these statistics describe."""
+        from teal.model.lowrank import set_lowrank
         from teal.model.rotate import set_value_bases
 
         self.check_model(model, path)
         set_value_bases(model, self.value_bases)
+        set_lowrank(model, self.lowrank_bases)
 
     # ----- files -----------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

@@ -39,6 +39,7 @@ def calibrate(
     progress: bool = True,
     bos: int | None = None,
     rotate: bool | None = None,
+    lowrank: int = 0,
 ) -> Calibration:
     """Statistics of ``model`` on ``token_ids`` (a 1-D stream or ``[n, T]`` windows)
     with the metadata the artifact needs; ``text`` describes where the tokens came from
@@ -47,7 +48,12 @@ def calibrate(
     ``rotate`` (default ``ROTATE_VALUES``): first put ``model`` in the principal axes of
     its attention outputs on the first tokens (``teal.model.rotate``, in place; the dense
     model computes the same function); False: in the checkpoint's own basis.  The
-    calibration records the basis, and a model it is bound to is put in it."""
+    calibration records the basis, and a model it is bound to is put in it.
+
+    ``lowrank`` (default 0: off): split each MLP input into its top-``lowrank``
+    principal subspace, run dense, and a sparsified remainder (``teal.model.lowrank``);
+    the split is fitted on the first tokens, set on ``model`` and stored likewise."""
+    from teal.model import lowrank as lr
     from teal.model import rotate as rot
 
     start = time.perf_counter()
@@ -62,6 +68,19 @@ def calibrate(
         }
     else:
         rot.set_value_bases(model, None)
+    split = None
+    if lowrank:
+        t0 = time.perf_counter()
+        lr.fit_lowrank(model, token_ids, seq_len, int(lowrank), bos)
+        split = {
+            "site": "mlp_in",
+            "rank": int(lowrank),
+            "fit_tokens": min(lr.FIT_TOKENS, int(token_ids.numel())),
+            "overhead": lr.overhead_share(model.config, int(lowrank)),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    else:
+        lr.set_lowrank(model, None)
     stats = collect_stats(
         model, token_ids, seq_len=seq_len, batch_size=batch_size, progress=progress, bos=bos
     )
@@ -90,6 +109,9 @@ def calibrate(
     if rotation is not None:
         cal.tables[rot.TABLE] = model.value_bases.clone()
         meta["value_rotation"] = rotation
+    if split is not None:
+        cal.tables[lr.TABLE] = model.lowrank_bases.clone()
+        meta["lowrank"] = split
     return cal
 
 
@@ -102,6 +124,7 @@ def calibrate_text(
     batch_size: int = 1,
     progress: bool = True,
     rotate: bool | None = None,
+    lowrank: int = 0,
 ) -> Calibration:
     """Calibrate on the first ``tokens`` tokens of a ``TextPart`` (its calibration side)."""
     from teal.eval.corpus import bos_token
@@ -119,6 +142,7 @@ def calibrate_text(
         progress=progress,
         bos=bos,
         rotate=rotate,
+        lowrank=lowrank,
     )
     return cal
 

@@ -135,8 +135,18 @@ def setting_for(
         _check_basis(cal, model)
     stats = cal.stats
     n_layers = stats.n_layers
+    # A low-rank split reads its dense term every step: levels rise by its share so
+    # that the bytes skipped are the sparsity asked for (teal.model.lowrank).
+    extra = cal.lowrank_overhead if p > 0 else 0.0
+    if extra and method == "cats":
+        raise TealError(
+            "CATS does not combine with the low-rank split of this calibration: use"
+            " another method or a calibration made without --lowrank"
+        )
+    if extra and p + extra > allocate.MAX_LEVEL:
+        return Setting(method, p, stats.thresholds(0.0), None, False, allocate.MAX_LEVEL - extra)
     if method == "uniform" or p == 0:
-        return Setting(method, p, stats.thresholds(p))
+        return Setting(method, p, stats.thresholds(p + extra))
     _need_tables(cal, method)
     if method == "auto":
         choice = select_method(cal, p, mode)
@@ -167,7 +177,7 @@ def setting_for(
             raise TealError("weight-informed scores need the model (its weight norms)")
         from teal.sparsity.scores import weight_scales
 
-        return Setting(method, p, tables.wi_stats(cal).thresholds(p), weight_scales(model))
+        return Setting(method, p, tables.wi_stats(cal).thresholds(p + extra), weight_scales(model))
     # cats
     if model is None:
         raise TealError("CATS needs the model (its shapes)")
@@ -186,14 +196,18 @@ def setting_for(
 
 
 def _check_basis(cal: Calibration, model) -> None:
-    """The attn-out thresholds describe the value basis the calibration was made in."""
+    """The attn-out thresholds describe the value basis the calibration was made in, and
+    the mlp-in ones its split of the MLP input."""
+    from teal.model.lowrank import lowrank_bases, same_split
     from teal.model.rotate import same_basis
 
-    if not same_basis(getattr(model, "value_bases", None), cal.value_bases):
+    if not same_basis(getattr(model, "value_bases", None), cal.value_bases) or not same_split(
+        lowrank_bases(model), cal.lowrank_bases
+    ):
         raise TealError(
-            "the model is not in this calibration's value basis (teal.model.rotate): bind"
-            " them first with cal.bind(model) (Calibration.load(path, model) and"
-            " teal.sparsify do)"
+            "the model is not in this calibration's value basis (teal.model.rotate) or"
+            " low-rank split (teal.model.lowrank): bind them first with cal.bind(model)"
+            " (Calibration.load(path, model) and teal.sparsify do)"
         )
 
 
@@ -202,6 +216,8 @@ def nominal_levels(cal: Calibration, method: str, sparsity: float) -> Tensor | N
     ``sparsity`` (in the dense histograms' terms); None where the method cannot reach
     it."""
     n_layers, p = cal.stats.n_layers, float(sparsity)
+    if p > 0:
+        p += cal.lowrank_overhead  # see setting_for
     if method == "uniform":
         return torch.full((n_layers, 7), p)
     levels, rows = cal.tables["greedy.levels"], cal.tables["greedy.block_sparsity"]
