@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers_models import TINY
 from teal.errors import CalibrationMismatchError, TealError
 from teal.eval.corpus import CALIBRATION_EVERY, Corpus, load_corpus
 from teal.eval.perplexity import SparsityMeter
@@ -19,18 +20,6 @@ from teal.model.decoder import PROJECTIONS, SITE_PROJECTIONS, SITES
 from teal.sparsity import stats as stats_mod
 from teal.sparsity.artifact import Calibration
 from teal.sparsity.calibrate import cached_or_new, calibrate, calibrate_text, default_path
-
-TINY = dict(
-    arch="llama",
-    vocab_size=97,
-    dim=48,
-    n_layers=2,
-    n_heads=6,
-    n_kv_heads=2,
-    head_dim=8,
-    ffn_dim=80,
-    max_seq_len=256,
-)
 
 
 class CharTokenizer:

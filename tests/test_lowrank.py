@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from helpers_models import TINY
 from teal.errors import TealError
 from teal.eval.perplexity import SparsityMeter
 from teal.kernels import reference
@@ -20,17 +21,6 @@ from teal.sparsity.calibrate import calibrate
 from teal.sparsity.methods import setting_for
 from teal.sparsity.tables import add_tables
 
-TINY = dict(
-    arch="llama",
-    vocab_size=97,
-    dim=48,
-    n_layers=2,
-    n_heads=6,
-    n_kv_heads=2,
-    head_dim=8,
-    ffn_dim=80,
-    max_seq_len=256,
-)
 RANK = 4
 
 

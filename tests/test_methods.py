@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers_models import TINY
 from teal.errors import TealError
 from teal.eval.perplexity import SparsityMeter, evaluate
 from teal.model import rotate
@@ -18,18 +19,6 @@ from teal.sparsity.artifact import Calibration
 from teal.sparsity.calibrate import calibrate
 from teal.sparsity.methods import METHODS, cats_max_sparsity, parse_methods, setting_for
 from teal.sparsity.tables import add_tables, has_tables
-
-TINY = dict(
-    arch="llama",
-    vocab_size=97,
-    dim=48,
-    n_layers=2,
-    n_heads=6,
-    n_kv_heads=2,
-    head_dim=8,
-    ffn_dim=80,
-    max_seq_len=256,
-)
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_models import TINY
 from teal.errors import ContextLengthError, TealError
 from teal.eval.perplexity import evaluate, perplexity, plan_windows
 from teal.model.build import random_model
 from teal.model.config import ModelConfig
 from teal.sparsity.stats import collect_stats
-
-TINY = dict(
-    arch="llama",
-    vocab_size=97,
-    dim=48,
-    n_layers=2,
-    n_heads=6,
-    n_kv_heads=2,
-    head_dim=8,
-    ffn_dim=80,
-    max_seq_len=256,
-)
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers_models import TINY
 from teal.errors import TealError
 from teal.model.build import random_model
 from teal.model.config import ModelConfig
 from teal.model.decoder import SITE_PROJECTIONS, SITES
 from teal.sparsity.stats import ActivationStats, collect_stats
 
-TINY = dict(
-    arch="llama",
-    vocab_size=97,
-    dim=48,
-    n_layers=2,
-    n_heads=6,
-    n_kv_heads=2,
-    head_dim=8,
-    ffn_dim=80,
-    max_seq_len=256,
-)
 LEVELS = (0.01, 0.1, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9, 0.99)
 
 
