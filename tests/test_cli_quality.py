@@ -131,6 +131,27 @@ def test_calibrate_then_eval_and_generate_with_the_file(env, capsys):
     assert json.loads(out)["sparsity"] == 0.5
 
 
+def test_calibrate_with_a_lowrank_split_then_eval(env, capsys):
+    """``--lowrank R`` stores the split; eval with the file runs it and reports the
+    sparsity net of the dense term's weights (below what the raw drop count gives)."""
+    tmp, text = env
+    cal = tmp / "lr.safetensors"
+    code, out, err = run_cli(
+        capsys, "calibrate", "--text", str(text), "--tokens", "600", "--out", str(cal),
+        "--lowrank", "4", "--method", "uniform", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["lowrank"] == 4
+    code, out, err = run_cli(
+        capsys, "eval", "--calibration", str(cal), "--text", str(text), "--sparsity", "0,0.5",
+        "--protocol", "full", "--max-tokens", "400", "--method", "uniform", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = {r["sparsity"]: r for r in json.loads(out)["results"]}
+    assert rows[0.0]["measured_sparsity"] == 0.0
+    assert 0.3 < rows[0.5]["measured_sparsity"] < 0.7 and rows[0.5]["perplexity"] > 1
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

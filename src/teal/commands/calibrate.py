@@ -124,6 +124,8 @@ def main(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 2),
         # The statistics pass alone (the method tables take the rest of ``seconds``).
         "tokens_per_second": round(cal.tokens / max(stats_s, 1e-9), 1),
+        "value_rotation": cal.value_bases is not None,
+        "lowrank": (cal.metadata.get("lowrank") or {}).get("rank", 0),
     }
     if args.json:
         print_json(summary)
