@@ -34,7 +34,7 @@ from teal.model.config import PRESETS
 from teal.model.lowrank import set_lowrank
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_decode import calibrate, header  # noqa: E402
+from bench_decode import calibrate, header, random_split  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -97,10 +97,7 @@ def main() -> None:
             set_lowrank(model, None)
             return
         if rank not in splits:
-            cfg = model.config
-            g = torch.Generator().manual_seed(rank)
-            a = torch.randn(cfg.n_layers, cfg.dim, rank, generator=g)
-            set_lowrank(model, torch.linalg.qr(a).Q.contiguous())
+            set_lowrank(model, random_split(model.config, rank, seed=rank))
             tensors = [(blk.mlp.lr_u, blk.mlp.lr_uw) for blk in model.layers]
             splits[rank] = (model.lowrank_bases, tensors)
         bases, tensors = splits[rank]

@@ -34,6 +34,13 @@ def calibrate(model, n_tokens: int = 2048, seq_len: int = 512):
     return collect_stats(model, ids.to(model.device), seq_len=seq_len, progress=False)
 
 
+def random_split(cfg, rank: int, seed: int = 0) -> torch.Tensor:
+    """Random orthonormal bases ``[layers, dim, rank]`` for a low-rank split of the MLP
+    input (``teal.model.lowrank``) of a random-weight model: its cost, not its quality."""
+    a = torch.randn(cfg.n_layers, cfg.dim, rank, generator=torch.Generator().manual_seed(seed))
+    return torch.linalg.qr(a).Q.contiguous()
+
+
 @torch.no_grad()
 def measured_sparsity(model, thresholds, tokens: list[int]) -> float:
     """Weight-weighted share of projection inputs zeroed over ``tokens`` (all positions
@@ -72,9 +79,7 @@ def check_engine(dtype: torch.dtype, steps: int = 64, lowrank: int = 0) -> dict:
     ``lowrank``, both run a low-rank split of the MLP input (random orthonormal bases)."""
     model = random_model(PRESETS["default"], dtype=dtype, device="cuda", seed=3)
     if lowrank:
-        cfg = model.config
-        a = torch.randn(cfg.n_layers, cfg.dim, lowrank, generator=torch.Generator().manual_seed(4))
-        set_lowrank(model, torch.linalg.qr(a).Q.contiguous())
+        set_lowrank(model, random_split(model.config, lowrank, seed=4))
     thr = calibrate(model).thresholds(0.5)
     prompt = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator())
     model.set_sparsity(thr, mode="decode")

@@ -21,8 +21,6 @@ projections.  ``lm_head`` stays round-to-nearest (its input is not observed).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
@@ -54,7 +52,7 @@ def collect_hessians(
     the few positions with massive activations (an attention sink carries most of a
     site's energy) decide it."""
     from teal.model.decoder import SITES
-    from teal.sparsity.stats import _Done, windows
+    from teal.sparsity.stats import dense_pass, windows
 
     cfg = model.config
     rows = [r for r in windows(token_ids, min(seq_len, cfg.max_seq_len), bos) if r.numel()]
@@ -62,7 +60,7 @@ def collect_hessians(
         raise ValueError("no calibration tokens for GPTQ: the text is empty")
     sums: dict[tuple[int, str], Tensor] = {}
     count = [0]
-    last = cfg.n_layers - 1
+    last = (cfg.n_layers - 1, SITES[-1])
 
     def observe(layer: int, site: str, x: Tensor, pos_mask: Tensor | None) -> None:
         x2 = x.reshape(-1, x.shape[-1]).float()
@@ -73,20 +71,10 @@ def collect_hessians(
             sums[key].addmm_(x2.t(), x2)
         else:
             sums[key] = x2.t() @ x2
-        if layer == last and site == SITES[-1]:
+        if key == last:
             count[0] += x2.shape[0]
-            raise _Done
 
-    was_sparse, saved = model.sparse_mode, model.observer
-    model.sparse_mode = "off"
-    model.observer = observe
-    try:
-        for r in rows:
-            with contextlib.suppress(_Done):
-                model(r[None].to(model.device))
-    finally:
-        model.observer = saved
-        model.sparse_mode = was_sparse
+    dense_pass(model, rows, observe, last)
     return {k: v / count[0] for k, v in sums.items()}
 
 

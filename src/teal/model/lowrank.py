@@ -30,13 +30,11 @@ it whenever the MLP runs sparse or is observed.  A dense forward is the plain pr
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from teal.errors import TealError
-from teal.sparsity.stats import _Done, windows
+from teal.sparsity.stats import dense_pass, windows
 
 FIT_TOKENS = 4096  # calibration tokens the subspace is fitted on (as the value rotation)
 TABLE = "lowrank.mlp_in"  # the calibration table holding U, [layers, dim, r]
@@ -54,18 +52,13 @@ def mlp_moments(model, token_ids: Tensor, seq_len: int, bos: int | None = None) 
         if site == "mlp_in":
             z = x[:, 1:].reshape(-1, x.shape[-1]).double().cpu()
             acc[layer] += z.T @ z
-            if layer == cfg.n_layers - 1:
-                raise _Done
 
-    saved, model.observer = model.observer, observe
     saved_split = lowrank_bases(model)
     try:
         set_lowrank(model, None)  # the moments of the plain input
-        for w in windows(token_ids, seq_len, bos):
-            with contextlib.suppress(_Done):
-                model(w[None].to(model.device))
+        rows = windows(token_ids, seq_len, bos)
+        dense_pass(model, rows, observe, (cfg.n_layers - 1, "mlp_in"))
     finally:
-        model.observer = saved
         set_lowrank(model, saved_split)
     return acc
 

@@ -21,13 +21,11 @@ checkpoint's: it names the weights as loaded, and the cache of calibrations is k
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from teal.errors import TealError
-from teal.sparsity.stats import _Done, windows
+from teal.sparsity.stats import dense_pass, windows
 
 # Calibration tokens the rotation is fitted on (the first of the calibration stream): a
 # 64 x 64 second moment per KV head needs far fewer, and the pass costs about 3 % of a
@@ -53,16 +51,9 @@ def value_moments(model, token_ids: Tensor, seq_len: int, bos: int | None = None
         if site == "attn_out":
             z = x.reshape(-1, cfg.n_kv_heads, group, hd).double().cpu()
             acc[layer] += torch.einsum("ngki,ngkj->gij", z, z)
-            if layer == cfg.n_layers - 1:
-                raise _Done  # the last MLP and the head change no moment
 
-    saved, model.observer = model.observer, observe
-    try:
-        for w in windows(token_ids, seq_len, bos):
-            with contextlib.suppress(_Done):
-                model(w[None].to(model.device))
-    finally:
-        model.observer = saved
+    # The last MLP and the head change no moment.
+    dense_pass(model, windows(token_ids, seq_len, bos), observe, (cfg.n_layers - 1, "attn_out"))
     return acc
 
 

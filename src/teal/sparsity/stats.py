@@ -217,6 +217,38 @@ class _Done(Exception):
     (a fifth of this small model's work) do not change any statistic."""
 
 
+def dense_pass(
+    model: torch.nn.Module,
+    rows,
+    observe,
+    stop_after: tuple[int, str] | None = None,
+    on_row=None,
+) -> None:
+    """Run the dense model over each of ``rows`` (``[T]`` or ``[B, T]`` token tensors)
+    with ``observe(layer, site, x, pos_mask)`` as its observer; each forward ends right
+    after site ``stop_after`` (``(layer, site)``) was observed, since nothing later
+    changes what was recorded.  ``on_row(row)`` runs after each row (progress).  The
+    model's sparsity mode and observer are restored afterwards."""
+
+    def observer(layer: int, site: str, x: Tensor, pos_mask: Tensor | None) -> None:
+        observe(layer, site, x, pos_mask)
+        if (layer, site) == stop_after:
+            raise _Done
+
+    was_sparse, saved = model.sparse_mode, model.observer
+    model.sparse_mode = "off"
+    model.observer = observer
+    try:
+        for row in rows:
+            with contextlib.suppress(_Done):
+                model((row if row.dim() == 2 else row[None]).to(model.device))
+            if on_row is not None:
+                on_row(row)
+    finally:
+        model.observer = saved
+        model.sparse_mode = was_sparse
+
+
 def windows(token_ids: Tensor, seq_len: int, bos: int | None = None) -> list[Tensor]:
     """Split a 1-D token stream into rows of ``seq_len`` (the last may be shorter),
     each starting with ``bos`` if given; a 2-D tensor is taken as rows already."""
@@ -251,12 +283,9 @@ def collect_stats(
     if not rows:
         raise TealError("no calibration tokens: the text is empty")
     stats = ActivationStats.empty(cfg.n_layers)
-    last = cfg.n_layers - 1
 
     def observe(layer: int, site: str, x: Tensor, pos_mask: Tensor | None) -> None:
         stats.add(layer, site, x)
-        if layer == last and site == SITES[-1]:
-            raise _Done
 
     # Equal-length rows batch together; a shorter tail row goes alone.
     batches: list[Tensor] = []
@@ -268,18 +297,11 @@ def collect_stats(
         batches.append(torch.stack(rows[i:j]))
         i = j
     total = sum(r.numel() for r in rows)
-    was_sparse, saved = model.sparse_mode, model.observer
-    model.sparse_mode = "off"  # statistics are of the dense model
-    model.observer = observe
-    try:
-        with tqdm(
-            total=total, unit="tok", desc="calibrating", disable=not progress, dynamic_ncols=True
-        ) as bar:
-            for batch in batches:
-                with contextlib.suppress(_Done):
-                    model(batch.to(model.device))
-                bar.update(batch.numel())
-    finally:
-        model.observer = saved
-        model.sparse_mode = was_sparse
+    with tqdm(
+        total=total, unit="tok", desc="calibrating", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        # Statistics are of the dense model; the last site of the last layer ends a pass.
+        dense_pass(
+            model, batches, observe, (cfg.n_layers - 1, SITES[-1]), lambda b: bar.update(b.numel())
+        )
     return stats.trimmed()
