@@ -148,13 +148,32 @@ def candidates(fmt, k, n, pair):
                 continue
             split = split_for(block_n, waves, 64)
             out.append(tg.GemvConfig(block_n, 16, split, warps, 1, False, False, rs, True))
+    else:
+        # Rows as scalars (row_sum): block_n / 2 bytes of each kept row per program, a
+        # few bytes a thread, 1-D accumulators.
+        for block_n, rows, waves, warps in (
+            (512, 32, 1, 4),
+            (512, 32, 2, 4),
+            (1024, 32, 1, 4),
+            (1024, 16, 2, 4),
+            (1024, 16, 4, 4),
+            (1024, 32, 2, 4),
+            (1024, 32, 4, 4),
+            (2048, 8, 4, 4),
+            (2048, 16, 2, 4),
+            (1024, 16, 4, 2),
+        ):
+            if block_n > max(32, 2 * n_eff):
+                continue
+            split = split_for(block_n, waves, 128)
+            out.append(tg.GemvConfig(block_n, rows, split, warps, 1, False, False, True))
     return list(dict.fromkeys(out))
 
 
-def tune(group):
+def tune(group, formats=FORMATS):
     """Pick, per (format, case), the config with the least time at p = 0 plus p = 0.5."""
     winners = {}
-    for fmt in FORMATS:
+    for fmt in formats:
         for name in CASES:
             k, splits, pair = CASES[name]
             n = sum(splits)
@@ -178,6 +197,7 @@ def tune(group):
                 except Exception as e:  # noqa: BLE001 - report and go on
                     log(f"tune {fmt} {name} {cfg}: failed {e}")
                     continue
+                CHECKS[-1]["us_p0_plus_p50"] = round(us, 2)
                 res.append((us, cfg))
                 log(f"tune {fmt} {name} {cfg}: {us:.1f} us (p=0 + p=0.5)")
             best = min(res, key=lambda r: r[0])[1]
@@ -278,7 +298,12 @@ def main():
     ap.add_argument("--out-dir", default=".")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--phases", default="check,tune,kernels,decode")
+    ap.add_argument(
+        "--phases",
+        default="check,tune,kernels,decode",
+        help="run in this order; decode may appear twice (before and after tune: an A/B)",
+    )
+    ap.add_argument("--tune-formats", default="int8,int4")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-sparsity", default="0,0.5")
@@ -303,18 +328,29 @@ def main():
             json.dump(obj, f, indent=1)
             f.write("\n")
 
-    if "check" in phases:
-        rows = check(args.group_size)
-        save("check", {**head, "all_ok": all(r["ok"] for r in rows), "results": rows})
-    winners = tune(args.group_size) if "tune" in phases else {}
-    if "kernels" in phases:
-        rows = bench_kernels(args.group_size)
-        save("kernels", {**head, "configs": winners, "candidate_checks": CHECKS, "results": rows})
-    if "decode" in phases:
-        levels = [float(p) for p in args.decode_sparsity.split(",")]
-        formats = args.decode_formats.split(",")
-        decode(args.group_size, args.new_tokens, args.repeats, levels, formats,
-               lambda objs: save("decode", {**head, "runs": objs}))  # fmt: skip
+    winners = {}
+    decodes = 0
+    for phase in phases:
+        if phase == "check":
+            rows = check(args.group_size)
+            save("check", {**head, "all_ok": all(r["ok"] for r in rows), "results": rows})
+        elif phase == "tune":
+            winners = tune(args.group_size, tuple(args.tune_formats.split(",")))
+            save("configs", {**head, "configs": winners, "candidate_checks": CHECKS})
+        elif phase == "kernels":
+            rows = bench_kernels(args.group_size)
+            obj = {**head, "configs": winners, "candidate_checks": CHECKS, "results": rows}
+            save("kernels", obj)
+        elif phase == "decode":
+            levels = [float(p) for p in args.decode_sparsity.split(",")]
+            formats = args.decode_formats.split(",")
+            kind = "decode" if decodes == 0 else f"decode{decodes + 1}"
+            top = {**head, "configs": winners or "built-in tables"}
+            decodes += 1
+            decode(args.group_size, args.new_tokens, args.repeats, levels, formats,
+                   lambda objs, kind=kind, top=top: save(kind, {**top, "runs": objs}))  # fmt: skip
+        else:
+            raise SystemExit(f"unknown phase {phase!r}")
 
 
 if __name__ == "__main__":

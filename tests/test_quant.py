@@ -158,14 +158,20 @@ def test_quant_gemv_matches_reference(fmt, k, splits, g, zero, p, b, dtype):
         # 18 group-aligned chunks of K for wide column blocks: the last program of each
         # block sums 18 partials.
         (1100, (1024, 16, 34, 4, 1, False, False)),
+        # Rows as scalars (row_sum): a partial last step, several groups, 18 chunks.
+        (300, (64, 16, 2, 4, 1, False, False, True)),
+        (1100, (1024, 8, 34, 4, 1, False, False, True)),
     ],
 )
-def test_int4_walk_configs_match_reference(k, cfg):
+@pytest.mark.parametrize("zero", ["code", "offset", "none"])
+def test_int4_walk_configs_match_reference(k, cfg, zero):
     tq = _tq()
     from teal.kernels.triton_gemv import GemvConfig
 
     splits, dtype = (64, 32), torch.bfloat16
-    qw = _quantized("int4", k, splits, dtype, 32, seed=9)
+    qw = _quantized(
+        "int4", k, splits, dtype, 32, seed=9, zero_point=False if zero == "none" else zero
+    )
     x = _x(1, k, dtype, seed=10, strided=False)
     t = _thresholds(x, 0.4, len(splits))
     y = tq.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, t, splits, 32, None, GemvConfig(*cfg))
@@ -174,16 +180,25 @@ def test_int4_walk_configs_match_reference(k, cfg):
 
 
 @pytest.mark.parametrize(
-    "fmt,g,zero_point", [("int8", 0, False), ("int4", 32, False), ("int4", 32, "offset")]
+    "fmt,g,zero_point,row_sum",
+    [
+        ("int8", 0, False, False),
+        ("int4", 32, False, False),
+        ("int4", 32, "offset", False),
+        ("int4", 32, True, True),
+    ],
 )
-def test_quant_gate_up_act_and_scores_match_reference(fmt, g, zero_point):
+def test_quant_gate_up_act_and_scores_match_reference(fmt, g, zero_point, row_sum):
     tq = _tq()
+    from teal.kernels.triton_gemv import GemvConfig
+
     f, k, dtype = 24, 70, torch.bfloat16
     qw = _quantized(fmt, k, (f, f), dtype, g, seed=5, zero_point=zero_point)
     x = _x(1, k, dtype, seed=6, strided=False)
     score = (torch.rand(k, generator=_gen(7)) + 0.5).to(dtype).to(DEVICE)
     t = torch.tensor([0.4, 0.9], device=DEVICE)
-    y = tq.quant_gate_up_act(x, qw.qweight, qw.scales, qw.zeros, t, "silu", g, score)
+    cfg = GemvConfig(64, 16, 2, 4, 1, False, False, True) if row_sum else None
+    y = tq.quant_gate_up_act(x, qw.qweight, qw.scales, qw.zeros, t, "silu", g, score, cfg)
     r = ref.sparse_gate_up_act(x, qw.dequantize(torch.float32), t, "silu", score)
     check_close(y, r, dtype)
 

@@ -831,7 +831,9 @@ class GemvConfig:
     num_stages: int = 1
     dot: bool = False  # batch 1 through tl.dot (batches > 1 always use it)
     prefetch: bool = False  # FMA path: load the next rows before this step's math
-    row_sum: bool = False  # FMA path: 1-D accumulator, each step's rows summed at once
+    # FMA path, 1-D accumulator: each step's rows summed at once (fp16/bf16/int8); int4
+    # walks rows as scalars instead (triton_quant._walk_q4_rows).
+    row_sum: bool = False
     peel: bool = False  # FMA path without prefetch: unmasked whole steps, one masked tail
 
 
@@ -912,35 +914,37 @@ def _heuristic(k: int, n: int, pair: bool, b: int, device: torch.device) -> Gemv
 
 # Quantized weights (kernels/triton_quant.py): key (K, N, pair, batch bucket, format),
 # format "int8" or "int4" (block_n counts output columns: int4 reads block_n / 2 bytes
-# of each kept row).  Winners of the small search in benchmarks/bench_quant.py on one
-# H200, 2026-12-01 (least time at p = 0 plus p = 0.5; Llama-3-8B shapes, int4 g128;
-# benchmarks/results/quant-kernels-h200-2026-12-01-run3.json; the int8 lm_head entry
-# from the search that added the peeled walk, quant-kernels-h200-2026-12-01-s2.json,
-# where every other winner was the entry already here).
+# of each kept row).  int8: winners of the small search in benchmarks/bench_quant.py on
+# one H200, 2026-12-01 (least time at p = 0 plus p = 0.5; Llama-3-8B shapes,
+# benchmarks/results/quant-kernels-h200-2026-12-01-run3.json; the lm_head entry from
+# quant-kernels-h200-2026-12-01-s2.json).  int4 g128: the same search on one H100,
+# 2026-12-07, once the walk with rows as scalars existed (row_sum); it won every shape
+# (benchmarks/results/quant-configs-int4-rows-h100-2026-12-07.json).
 _QTABLE: dict[tuple[int, int, bool, int, str], GemvConfig] = {
     (4096, 6144, False, 1, "int8"): GemvConfig(256, 32, 22, 4, 1, False, True),
     (4096, 4096, False, 1, "int8"): GemvConfig(512, 16, 33, 4, 1, False, True),
     (4096, 28672, True, 1, "int8"): GemvConfig(512, 16, 10, 4, 1, False, True),
     (14336, 4096, False, 1, "int8"): GemvConfig(512, 16, 33, 4, 1, False, True),
     (4096, 128256, False, 1, "int8"): GemvConfig(512, 16, 2, 4, 1, False, False, peel=True),
-    (4096, 6144, False, 1, "int4"): GemvConfig(512, 16, 32, 4, 1, False, True),
-    (4096, 4096, False, 1, "int4"): GemvConfig(512, 16, 32, 4, 1, False, True),
-    (4096, 28672, True, 1, "int4"): GemvConfig(512, 16, 10, 4, 1, False, True),
-    (14336, 4096, False, 1, "int4"): GemvConfig(512, 16, 33, 4, 1, False, True),
-    (4096, 128256, False, 1, "int4"): GemvConfig(512, 16, 2, 4, 1, False, True),
+    (4096, 6144, False, 1, "int4"): GemvConfig(1024, 32, 32, 4, 1, False, False, True),
+    (4096, 4096, False, 1, "int4"): GemvConfig(1024, 32, 32, 4, 1, False, False, True),
+    (4096, 28672, True, 1, "int4"): GemvConfig(1024, 32, 32, 4, 1, False, False, True),
+    (14336, 4096, False, 1, "int4"): GemvConfig(1024, 16, 66, 4, 1, False, False, True),
+    (4096, 128256, False, 1, "int4"): GemvConfig(2048, 8, 9, 4, 1, False, False, True),
 }
 
 
 def _q_heuristic(fmt: str, k: int, n: int, pair: bool, b: int, device: torch.device) -> GemvConfig:
     if fmt == "int8" or b > 1:
         return _heuristic(k, n, pair, b, device)
-    # int4: a row run of 256 bytes per program (512 outputs), chunks of K aligned to groups.
+    # int4: rows as scalars, a row run of 512 bytes per program (1024 outputs), about four
+    # programs per SM, chunks of K of one or a few groups (what the H100 search kept).
     n_eff = n // 2 if pair else n
     sms = _num_sms(device)
-    block_n = min(512, max(32, triton.next_power_of_2(n_eff)))
+    block_n = min(1024, max(32, triton.next_power_of_2(n_eff)))
     n_blocks = triton.cdiv(n_eff, block_n)
-    split = max(1, min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(k, 256)))
-    return GemvConfig(block_n, 16, split, 4, 1, False, False)
+    split = max(1, min(triton.cdiv(4 * sms, n_blocks), triton.cdiv(k, 128)))
+    return GemvConfig(block_n, 32, split, 4, 1, False, False, True)
 
 
 def get_config(

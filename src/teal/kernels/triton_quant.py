@@ -14,8 +14,19 @@ epilogue run in one launch; ``thresholds=None`` is the dense call (every channel
   group by group: it loads the group's scale (and zero point) row for the program's
   columns once, accumulates ``x * q`` over the group's kept rows in raw codes, then adds
   ``s * acc - s * z * sum(x)`` (float offsets, GGUF's Q4_1: ``s * acc + m * sum(x)``).
-  A group with no kept row costs two scalar loads and its scale row.  Codes become
-  floats through the mantissa of 2^23 (no I2F instruction).
+  A group with no kept row costs its scale row.  Codes become floats through the
+  mantissa of 2^23 (no I2F instruction).
+
+  Batch 1 walks rows as scalars (``row_sum`` configs, every int4 entry of the table):
+  each of the 128 threads keeps 4 bytes of a 512-byte run, a step loads the channels and
+  inputs of ``ROWS`` kept rows, then all their runs at once, then multiplies, with two
+  PRMT-based conversions a word (``_nibbles``).  The 2-D walk it replaced kept
+  ``[ROWS, BLOCK_H]`` fp32 tiles (210 registers a thread, two CTAs an SM, 4 KB of
+  weights in flight per CTA) and spent 6.3 instructions a weight; the scalar walk takes
+  96-150 registers and about 5.  On an H100 (2026-12-07, same machine, bench_quant.py)
+  Llama-3-8B int4 g128 decoding went from 196.6 to 254.8 tok/s dense and from 240.0 to
+  328.1 at 50 % (benchmarks/results/quant-decode-int4-{before,rows}-h100-2026-12-07.json).
+  SASS of either walk can be inspected without a GPU: benchmarks/sass_int4.py.
 """
 
 from __future__ import annotations
@@ -66,24 +77,29 @@ def _compact_groups(
     B,
     idx_ptr,
     val_ptr,
-    gend_ptr,
-    gsum_ptr,
     BB: tl.constexpr,
     KC: tl.constexpr,
     G: tl.constexpr,
     NG: tl.constexpr,
 ):
-    """``_compact``, plus per group of the chunk: the end of its kept rows in the
-    compacted list (``gend``) and the sum of each row's kept inputs (``gsum[b, g]``)."""
+    """``_compact``, plus per group of the chunk, in registers: the end of its kept rows
+    in the compacted list (``ends[g]``) and the sum of each row's kept inputs
+    (``gsum[b, g]``).  They stay in registers (the walk picks entry ``g`` with a masked
+    sum over ``NG`` lanes), so a group's first weight load waits for one index load,
+    not for a scratch round trip of its bounds first."""
     _compact(xv, score, k, t, B, idx_ptr, val_ptr, BB, KC)
     keep2 = score > t
     keep = tl.max(keep2.to(tl.int32), axis=0)
     ends = tl.cumsum(tl.sum(tl.reshape(keep, (NG, G)), axis=1), axis=0)
-    tl.store(gend_ptr + tl.arange(0, NG), ends)
     xm = tl.where(keep2, xv.to(tl.float32), 0.0)
-    gs = tl.sum(tl.reshape(xm, (BB, NG, G)), axis=2)
-    b = tl.arange(0, BB)
-    tl.store(gsum_ptr + b[:, None] * NG + tl.arange(0, NG)[None, :], gs)
+    gsum = tl.sum(tl.reshape(xm, (BB, NG, G)), axis=2)
+    return ends, gsum
+
+
+@triton.jit
+def _pick(v, i, NG: tl.constexpr):
+    """Entry ``i`` of the ``[NG]`` register vector ``v`` (0 where ``i`` is out of range)."""
+    return tl.sum(tl.where(tl.arange(0, NG) == i, v, tl.zeros_like(v)), axis=0)
 
 
 @triton.jit
@@ -142,6 +158,142 @@ def _q4_math(
 
 
 @triton.jit
+def _nibbles(p, INTERPRET: tl.constexpr):
+    """Low and high nibbles of the bytes ``p`` as exact fp32 codes.
+
+    On the GPU, four bytes at a time: one AND (or shift and AND) isolates a nibble in
+    each byte of the word, then one PRMT per byte places it under the exponent of 2^23
+    (``0x4B0000qq``), and one FADD removes 2^23.  That is 2.75 integer instructions a
+    byte before the FADDs, where the compiler's own byte extraction takes about 7."""
+    if INTERPRET:
+        q = p.to(tl.int32)
+        return _i4f(q & 15), _i4f(q >> 4)
+    lo = tl.inline_asm_elementwise(
+        "{ .reg .b32 t, m; and.b32 t, $4, 0x0F0F0F0F; mov.b32 m, 0x4B000000; "
+        "prmt.b32 $0, t, m, 0x7650; prmt.b32 $1, t, m, 0x7651; "
+        "prmt.b32 $2, t, m, 0x7652; prmt.b32 $3, t, m, 0x7653; }",
+        "=r,=r,=r,=r,r",
+        [p],
+        dtype=tl.int32,
+        is_pure=True,
+        pack=4,
+    )
+    hi = tl.inline_asm_elementwise(
+        "{ .reg .b32 t, m; shr.b32 t, $4, 4; and.b32 t, t, 0x0F0F0F0F; mov.b32 m, 0x4B000000; "
+        "prmt.b32 $0, t, m, 0x7650; prmt.b32 $1, t, m, 0x7651; "
+        "prmt.b32 $2, t, m, 0x7652; prmt.b32 $3, t, m, 0x7653; }",
+        "=r,=r,=r,=r,r",
+        [p],
+        dtype=tl.int32,
+        is_pure=True,
+        pack=4,
+    )
+    return (
+        lo.to(tl.float32, bitcast=True) - 8388608.0,
+        hi.to(tl.float32, bitcast=True) - 8388608.0,
+    )
+
+
+@triton.jit
+def _q4_row_step(q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, j, hi, g_lo, g_hi,
+                 ROWS: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """Rows ``j .. j+ROWS`` of the compacted list (those below ``hi``) as scalars: every
+    row's channel and input first, then every row's run of bytes, then two FMAs a byte.
+    Written in that order so that all ``ROWS`` weight loads are in flight together; one
+    loop body per row lets the compiler issue each load just before its use."""
+    rows = ()
+    vals = ()
+    for i in tl.static_range(ROWS):
+        ok = j + i < hi
+        rows = rows + (tl.load(idx_ptr + j + i, mask=ok, other=0),)
+        vals = vals + (tl.load(val_ptr + j + i, mask=ok, other=0.0),)
+    runs = ()
+    for i in tl.static_range(ROWS):
+        ptr = q_ptr + rows[i].to(tl.int64) * stride_qk + bcols
+        runs = runs + (tl.load(ptr, mask=nmask & (j + i < hi), other=0),)
+    for i in tl.static_range(ROWS):
+        w_lo, w_hi = _nibbles(runs[i], INTERPRET)
+        v = vals[i].to(tl.float32)
+        g_lo += v * w_lo
+        g_hi += v * w_hi
+    return g_lo, g_hi
+
+
+@triton.jit
+def _walk_q4_rows(
+    q_ptr,
+    stride_qk,
+    bcols,
+    nmask,
+    s_ptr,
+    z_ptr,
+    stride_s,
+    cols_lo,
+    cols_hi,
+    idx_ptr,
+    val_ptr,
+    ends,
+    gsum,
+    g0,
+    n_grp,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    ZERO_F: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Batch 1 with rows as scalars (``row_sum`` configs): each thread keeps a few bytes of
+    every kept row, so the accumulators are 1-D (four fp32 a byte: group sum and total,
+    both nibbles) whatever the step's depth, and a step of ``ROWS`` row loads is in
+    flight at once without the ``[ROWS, BLOCK_H]`` fp32 tiles of the 2-D walk."""
+    acc_lo = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    if INTERPRET:
+        n_loop = NG
+    else:
+        n_loop = tl.minimum(n_grp - g0, NG)
+    xsum = tl.sum(gsum, axis=0)
+    for gi in range(0, n_loop):
+        g = g0 + gi
+        hi = _pick(ends, gi, NG)
+        lo = _pick(ends, gi - 1, NG)
+        smask = nmask & (g < n_grp)
+        s_lo = tl.load(s_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
+        if ZERO_F:
+            zs_lo = -tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
+            zs_hi = -tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
+        elif HAS_ZERO:
+            z_lo = _i4f(tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0).to(tl.int32))
+            z_hi = _i4f(tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0).to(tl.int32))
+            zs_lo = z_lo * s_lo
+            zs_hi = z_hi * s_hi
+        else:
+            zs_lo = 8.0 * s_lo
+            zs_hi = 8.0 * s_hi
+        g_lo = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        g_hi = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        if INTERPRET:
+            for j in range(0, G, ROWS):
+                g_lo, g_hi = _q4_row_step(
+                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, lo + j, hi, g_lo, g_hi,
+                    ROWS, INTERPRET,
+                )  # fmt: skip
+        else:
+            for j in range(lo, hi, ROWS):
+                g_lo, g_hi = _q4_row_step(
+                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, j, hi, g_lo, g_hi,
+                    ROWS, INTERPRET,
+                )  # fmt: skip
+        xs = _pick(xsum, gi, NG)
+        acc_lo += g_lo * s_lo - xs * zs_lo
+        acc_hi += g_hi * s_hi - xs * zs_hi
+    return acc_lo[None, :], acc_hi[None, :]
+
+
+@triton.jit
 def _walk_q4(
     q_ptr,
     stride_qk,
@@ -154,8 +306,8 @@ def _walk_q4(
     cols_hi,
     idx_ptr,
     val_ptr,
-    gend_ptr,
-    gsum_ptr,
+    ends,
+    gsum,
     g0,
     n_grp,
     B,
@@ -171,11 +323,16 @@ def _walk_q4(
     ZERO_F: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ROW_SUM: tl.constexpr,
 ):
     """The chunk's kept rows, group by group; returns the fp32 sums for the low-nibble
     and high-nibble columns, ``[BB, BLOCK_H]`` (dot path) or ``[1, BLOCK_H]``."""
+    if ROW_SUM and not USE_DOT:
+        return _walk_q4_rows(
+            q_ptr, stride_qk, bcols, nmask, s_ptr, z_ptr, stride_s, cols_lo, cols_hi, idx_ptr,
+            val_ptr, ends, gsum, g0, n_grp, G, NG, BLOCK_H, ROWS, HAS_ZERO, ZERO_F, INTERPRET,
+        )  # fmt: skip
     offs_r = tl.arange(0, ROWS)
-    b = tl.arange(0, BB)
     if USE_DOT:
         acc_lo = tl.zeros((BB, BLOCK_H), dtype=tl.float32)
     else:
@@ -192,8 +349,8 @@ def _walk_q4(
         n_loop = tl.minimum(n_grp - g0, NG)
     for gi in range(0, n_loop):
         g = g0 + gi
-        hi = tl.load(gend_ptr + gi)
-        lo = tl.load(gend_ptr + gi - 1, mask=gi > 0, other=0)
+        hi = _pick(ends, gi, NG)
+        lo = _pick(ends, gi - 1, NG)
         smask = nmask & (g < n_grp)
         s_lo = tl.load(s_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
         s_hi = tl.load(s_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
@@ -250,11 +407,11 @@ def _walk_q4(
                     )
         # (q - z) * s summed with x: s * sum(x q) - s * z * sum(x) (offsets: + m * sum(x)).
         if USE_DOT:
-            xs = tl.load(gsum_ptr + b * NG + gi, mask=b < B, other=0.0)
+            xs = tl.sum(tl.where(tl.arange(0, NG)[None, :] == gi, gsum, 0.0), axis=1)
             acc_lo += g_lo * s_lo[None, :] - xs[:, None] * zs_lo[None, :]
             acc_hi += g_hi * s_hi[None, :] - xs[:, None] * zs_hi[None, :]
         else:
-            xs = tl.load(gsum_ptr + gi)
+            xs = _pick(tl.sum(gsum, axis=0), gi, NG)  # BB == 1
             acc_lo += g_lo * s_lo[None, :]
             acc_hi += g_hi * s_hi[None, :]
             accz_lo -= xs * zs_lo
@@ -281,8 +438,6 @@ def _q4_kernel(
     s_ptr,
     idx_ptr,
     val_ptr,
-    gend_ptr,
-    gsum_ptr,
     part_ptr,
     lock_ptr,
     y_ptr,
@@ -313,6 +468,7 @@ def _q4_kernel(
     F32_DOT: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ROW_SUM: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     """Grid ``(byte blocks, split_k)``.  ``H*`` are the segments' packed widths (half their
@@ -338,14 +494,12 @@ def _q4_kernel(
         xv, score, k = _scores(
             x_ptr, stride_xb, stride_xk, s_ptr, k_lo, k_len, B, BB, KC, HAS_SCALE, INTERPRET
         )
-        _compact_groups(
-            xv, score, k, t0, B, idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC,
-            gend_ptr + slot0 * NG, gsum_ptr + slot0 * BB * NG, BB, KC, G, NG,
-        )  # fmt: skip
-        _compact_groups(
-            xv, score, k, t1, B, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC,
-            gend_ptr + slot1 * NG, gsum_ptr + slot1 * BB * NG, BB, KC, G, NG,
-        )  # fmt: skip
+        ends0, gsum0 = _compact_groups(
+            xv, score, k, t0, B, idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, BB, KC, G, NG
+        )
+        ends1, gsum1 = _compact_groups(
+            xv, score, k, t1, B, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, BB, KC, G, NG
+        )
         tl.debug_barrier()
         # gate: bytes [0, H0), columns o and H0 + o; up: bytes H0 + o, columns 2 H0 + ...
         c_lo = o
@@ -354,17 +508,15 @@ def _q4_kernel(
         u_hi = 3 * H0 + o
         a_lo, a_hi = _walk_q4(
             q_ptr, stride_qk, o, nmask, sc_ptr, z_ptr, stride_s, c_lo, c_hi,
-            idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, gend_ptr + slot0 * NG,
-            gsum_ptr + slot0 * BB * NG, g0, n_grp, B,
+            idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, ends0, gsum0, g0, n_grp, B,
             BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, ZERO_F, PREFETCH,
-            INTERPRET,
+            INTERPRET, ROW_SUM,
         )  # fmt: skip
         b_lo, b_hi = _walk_q4(
             q_ptr, stride_qk, H0 + o, nmask, sc_ptr, z_ptr, stride_s, u_lo, u_hi,
-            idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, gend_ptr + slot1 * NG,
-            gsum_ptr + slot1 * BB * NG, g0, n_grp, B,
+            idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, ends1, gsum1, g0, n_grp, B,
             BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, ZERO_F, PREFETCH,
-            INTERPRET,
+            INTERPRET, ROW_SUM,
         )  # fmt: skip
     else:
         seg, blk, bcol0, half = _segment(pid_n, H0, H1, H2, H3, NSEG, BLOCK_H)
@@ -377,17 +529,15 @@ def _q4_kernel(
         xv, score, k = _scores(
             x_ptr, stride_xb, stride_xk, s_ptr, k_lo, k_len, B, BB, KC, HAS_SCALE, INTERPRET
         )
-        _compact_groups(
-            xv, score, k, t, B, idx_ptr + slot * KC, val_ptr + slot * BB * KC,
-            gend_ptr + slot * NG, gsum_ptr + slot * BB * NG, BB, KC, G, NG,
-        )  # fmt: skip
+        ends, gsum = _compact_groups(
+            xv, score, k, t, B, idx_ptr + slot * KC, val_ptr + slot * BB * KC, BB, KC, G, NG
+        )
         tl.debug_barrier()
         a_lo, a_hi = _walk_q4(
             q_ptr, stride_qk, bcol0 + o, nmask, sc_ptr, z_ptr, stride_s, c_lo, c_hi,
-            idx_ptr + slot * KC, val_ptr + slot * BB * KC, gend_ptr + slot * NG,
-            gsum_ptr + slot * BB * NG, g0, n_grp, B,
+            idx_ptr + slot * KC, val_ptr + slot * BB * KC, ends, gsum, g0, n_grp, B,
             BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, ZERO_F, PREFETCH,
-            INTERPRET,
+            INTERPRET, ROW_SUM,
         )  # fmt: skip
         b_lo = a_lo  # unused
         b_hi = a_hi
@@ -517,8 +667,6 @@ def _launch_q4(
     y = torch.empty((b, n_out), dtype=x.dtype, device=dev)
     idx = torch.empty(slots * split * kc, dtype=torch.int32, device=dev)
     val = torch.empty(slots * split * bb * kc, dtype=x.dtype, device=dev)
-    gend = torch.empty(slots * split * ng, dtype=torch.int32, device=dev)
-    gsum = torch.empty(slots * split * bb * ng, dtype=torch.float32, device=dev)
     if split > 1:
         part = torch.empty((split, b, n), dtype=torch.float32, device=dev)
         locks = _locks(dev, grid_n)
@@ -539,8 +687,6 @@ def _launch_q4(
         scale if scale is not None else t,
         idx,
         val,
-        gend,
-        gsum,
         part,
         locks,
         y,
@@ -571,6 +717,7 @@ def _launch_q4(
         F32_DOT=_interpreting() or x.dtype == torch.float32,
         PREFETCH=cfg.prefetch and not use_dot,
         INTERPRET=_interpreting(),
+        ROW_SUM=cfg.row_sum and not use_dot,
         PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
