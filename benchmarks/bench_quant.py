@@ -149,7 +149,7 @@ def candidates(fmt, k, n, pair):
             split = split_for(block_n, waves, 64)
             out.append(tg.GemvConfig(block_n, 16, split, warps, 1, False, False, rs, True))
     else:
-        # Rows as scalars (row_sum): block_n / 2 bytes of each kept row per program, a
+        # Rows as scalars (scalar_rows): block_n / 2 bytes of each kept row per program, a
         # few bytes a thread, 1-D accumulators.
         for block_n, rows, waves, warps in (
             (512, 32, 1, 4),
@@ -166,7 +166,7 @@ def candidates(fmt, k, n, pair):
             if block_n > max(32, 2 * n_eff):
                 continue
             split = split_for(block_n, waves, 128)
-            out.append(tg.GemvConfig(block_n, rows, split, warps, 1, False, False, True))
+            out.append(tg.GemvConfig(block_n, rows, split, warps, scalar_rows=True))
     return list(dict.fromkeys(out))
 
 

@@ -6,7 +6,7 @@ instruction mix of every long loop body (nvdisasm): the walks over kept rows (ga
 up's), with the instructions per weight.  Registers decide how many CTAs share an SM.
 
     python benchmarks/sass_int4.py                      # the gate|up table config
-    python benchmarks/sass_int4.py --block-n 512 --rows 16 --split 8 --no-row-sum --prefetch
+    python benchmarks/sass_int4.py --block-n 512 --rows 16 --split 8 --no-scalar-rows --prefetch
 
 Shapes are Llama-3-8B gate|up (K = 4096, 2 x 14336 outputs, g128); the report does not
 depend much on them.
@@ -32,7 +32,7 @@ TOOLS = os.path.join(os.path.dirname(nvidia.__file__), "bin")
 OP = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)")
 
 
-def compile_q4(block_n, rows, split, warps, row_sum, prefetch, k=4096, g=128):
+def compile_q4(block_n, rows, split, warps, scalar, prefetch, k=4096, g=128):
     """The kernel for gate|up (pair, SiLU, code zero points, batch 1, PDL on)."""
     k_chunk = triton.cdiv(triton.cdiv(k, split), g) * g
     kc = max(16, triton.next_power_of_2(k_chunk))
@@ -44,7 +44,7 @@ def compile_q4(block_n, rows, split, warps, row_sum, prefetch, k=4096, g=128):
         "HAS_ZERO": True, "ZERO_F": False, "BB": 1, "KC": kc, "G": g, "NG": max(1, kc // g),
         "BLOCK_H": block_n // 2, "ROWS": rows, "SPLIT_K": triton.cdiv(k, k_chunk),
         "USE_DOT": False, "F32_DOT": False, "PREFETCH": prefetch, "INTERPRET": False,
-        "ROW_SUM": row_sum, "PDL": True,
+        "SCALAR": scalar, "PDL": True,
     }  # fmt: skip
     names = tq._q4_kernel.arg_names
     sig = {a: "constexpr" if a in const else ptr.get(a, "i32") for a in names}
@@ -98,10 +98,10 @@ def main():
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--split", type=int, default=32)
     ap.add_argument("--warps", type=int, default=4)
-    ap.add_argument("--no-row-sum", dest="row_sum", action="store_false")
+    ap.add_argument("--no-scalar-rows", dest="scalar", action="store_false")
     ap.add_argument("--prefetch", action="store_true")
     args = ap.parse_args()
-    k = compile_q4(args.block_n, args.rows, args.split, args.warps, args.row_sum, args.prefetch)
+    k = compile_q4(args.block_n, args.rows, args.split, args.warps, args.scalar, args.prefetch)
     r = report(k)
     print(f"triton {triton.__version__}, sm_90: {r['registers']} registers, "
           f"{r['stack_bytes']} bytes of stack a thread")  # fmt: skip

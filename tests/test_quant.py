@@ -158,9 +158,9 @@ def test_quant_gemv_matches_reference(fmt, k, splits, g, zero, p, b, dtype):
         # 18 group-aligned chunks of K for wide column blocks: the last program of each
         # block sums 18 partials.
         (1100, (1024, 16, 34, 4, 1, False, False)),
-        # Rows as scalars (row_sum): a partial last step, several groups, 18 chunks.
-        (300, (64, 16, 2, 4, 1, False, False, True)),
-        (1100, (1024, 8, 34, 4, 1, False, False, True)),
+        # Rows as scalars (scalar_rows): a partial last step, several groups, 18 chunks.
+        (300, (64, 16, 2, 4, 1, False, False, False, False, True)),
+        (1100, (1024, 8, 34, 4, 1, False, False, False, False, True)),
     ],
 )
 @pytest.mark.parametrize("zero", ["code", "offset", "none"])
@@ -180,7 +180,7 @@ def test_int4_walk_configs_match_reference(k, cfg, zero):
 
 
 @pytest.mark.parametrize(
-    "fmt,g,zero_point,row_sum",
+    "fmt,g,zero_point,scalar_rows",
     [
         ("int8", 0, False, False),
         ("int4", 32, False, False),
@@ -188,7 +188,7 @@ def test_int4_walk_configs_match_reference(k, cfg, zero):
         ("int4", 32, True, True),
     ],
 )
-def test_quant_gate_up_act_and_scores_match_reference(fmt, g, zero_point, row_sum):
+def test_quant_gate_up_act_and_scores_match_reference(fmt, g, zero_point, scalar_rows):
     tq = _tq()
     from teal.kernels.triton_gemv import GemvConfig
 
@@ -197,7 +197,7 @@ def test_quant_gate_up_act_and_scores_match_reference(fmt, g, zero_point, row_su
     x = _x(1, k, dtype, seed=6, strided=False)
     score = (torch.rand(k, generator=_gen(7)) + 0.5).to(dtype).to(DEVICE)
     t = torch.tensor([0.4, 0.9], device=DEVICE)
-    cfg = GemvConfig(64, 16, 2, 4, 1, False, False, True) if row_sum else None
+    cfg = GemvConfig(64, 16, 2, 4, scalar_rows=True) if scalar_rows else None
     y = tq.quant_gate_up_act(x, qw.qweight, qw.scales, qw.zeros, t, "silu", g, score, cfg)
     r = ref.sparse_gate_up_act(x, qw.dequantize(torch.float32), t, "silu", score)
     check_close(y, r, dtype)

@@ -831,10 +831,11 @@ class GemvConfig:
     num_stages: int = 1
     dot: bool = False  # batch 1 through tl.dot (batches > 1 always use it)
     prefetch: bool = False  # FMA path: load the next rows before this step's math
-    # FMA path, 1-D accumulator: each step's rows summed at once (fp16/bf16/int8); int4
-    # walks rows as scalars instead (triton_quant._walk_q4_rows).
-    row_sum: bool = False
+    row_sum: bool = False  # FMA path: 1-D accumulator, each step's rows summed at once
     peel: bool = False  # FMA path without prefetch: unmasked whole steps, one masked tail
+    # Batch 1: kept rows as scalars, a step's row loads all in flight, 1-D accumulators
+    # (int4: triton_quant._walk_q4_rows; fp16/bf16/int8: _walk_rows).
+    scalar_rows: bool = False
 
 
 # Batch 1, the launches decoding makes (qkv, o, gate|up with its activation, down):
@@ -918,7 +919,7 @@ def _heuristic(k: int, n: int, pair: bool, b: int, device: torch.device) -> Gemv
 # one H200, 2026-12-01 (least time at p = 0 plus p = 0.5; Llama-3-8B shapes,
 # benchmarks/results/quant-kernels-h200-2026-12-01-run3.json; the lm_head entry from
 # quant-kernels-h200-2026-12-01-s2.json).  int4 g128: the same search on one H100,
-# 2026-12-07, once the walk with rows as scalars existed (row_sum); it won every shape
+# 2026-12-07, once the walk with rows as scalars existed (scalar_rows); it won every shape
 # (benchmarks/results/quant-configs-int4-rows-h100-2026-12-07.json).
 _QTABLE: dict[tuple[int, int, bool, int, str], GemvConfig] = {
     (4096, 6144, False, 1, "int8"): GemvConfig(256, 32, 22, 4, 1, False, True),
@@ -926,11 +927,11 @@ _QTABLE: dict[tuple[int, int, bool, int, str], GemvConfig] = {
     (4096, 28672, True, 1, "int8"): GemvConfig(512, 16, 10, 4, 1, False, True),
     (14336, 4096, False, 1, "int8"): GemvConfig(512, 16, 33, 4, 1, False, True),
     (4096, 128256, False, 1, "int8"): GemvConfig(512, 16, 2, 4, 1, False, False, peel=True),
-    (4096, 6144, False, 1, "int4"): GemvConfig(1024, 32, 32, 4, 1, False, False, True),
-    (4096, 4096, False, 1, "int4"): GemvConfig(1024, 32, 32, 4, 1, False, False, True),
-    (4096, 28672, True, 1, "int4"): GemvConfig(1024, 32, 32, 4, 1, False, False, True),
-    (14336, 4096, False, 1, "int4"): GemvConfig(1024, 16, 66, 4, 1, False, False, True),
-    (4096, 128256, False, 1, "int4"): GemvConfig(2048, 8, 9, 4, 1, False, False, True),
+    (4096, 6144, False, 1, "int4"): GemvConfig(1024, 32, 32, 4, scalar_rows=True),
+    (4096, 4096, False, 1, "int4"): GemvConfig(1024, 32, 32, 4, scalar_rows=True),
+    (4096, 28672, True, 1, "int4"): GemvConfig(1024, 32, 32, 4, scalar_rows=True),
+    (14336, 4096, False, 1, "int4"): GemvConfig(1024, 16, 66, 4, scalar_rows=True),
+    (4096, 128256, False, 1, "int4"): GemvConfig(2048, 8, 9, 4, scalar_rows=True),
 }
 
 
@@ -944,7 +945,7 @@ def _q_heuristic(fmt: str, k: int, n: int, pair: bool, b: int, device: torch.dev
     block_n = min(1024, max(32, triton.next_power_of_2(n_eff)))
     n_blocks = triton.cdiv(n_eff, block_n)
     split = max(1, min(triton.cdiv(4 * sms, n_blocks), triton.cdiv(k, 128)))
-    return GemvConfig(block_n, 32, split, 4, 1, False, False, True)
+    return GemvConfig(block_n, 32, split, 4, scalar_rows=True)
 
 
 def get_config(

@@ -17,7 +17,7 @@ epilogue run in one launch; ``thresholds=None`` is the dense call (every channel
   A group with no kept row costs its scale row.  Codes become floats through the
   mantissa of 2^23 (no I2F instruction).
 
-  Batch 1 walks rows as scalars (``row_sum`` configs, every int4 entry of the table):
+  Batch 1 walks rows as scalars (``scalar_rows`` configs, every int4 entry of the table):
   each of the 128 threads keeps 4 bytes of a 512-byte run, a step loads the channels and
   inputs of ``ROWS`` kept rows, then all their runs at once, then multiplies, with two
   PRMT-based conversions a word (``_nibbles``).  The 2-D walk it replaced kept
@@ -244,7 +244,7 @@ def _walk_q4_rows(
     ZERO_F: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """Batch 1 with rows as scalars (``row_sum`` configs): each thread keeps a few bytes of
+    """Batch 1 with rows as scalars (``scalar_rows`` configs): each thread keeps a few bytes of
     every kept row, so the accumulators are 1-D (four fp32 a byte: group sum and total,
     both nibbles) whatever the step's depth, and a step of ``ROWS`` row loads is in
     flight at once without the ``[ROWS, BLOCK_H]`` fp32 tiles of the 2-D walk."""
@@ -323,11 +323,11 @@ def _walk_q4(
     ZERO_F: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
-    ROW_SUM: tl.constexpr,
+    SCALAR: tl.constexpr,
 ):
     """The chunk's kept rows, group by group; returns the fp32 sums for the low-nibble
     and high-nibble columns, ``[BB, BLOCK_H]`` (dot path) or ``[1, BLOCK_H]``."""
-    if ROW_SUM and not USE_DOT:
+    if SCALAR and not USE_DOT:
         return _walk_q4_rows(
             q_ptr, stride_qk, bcols, nmask, s_ptr, z_ptr, stride_s, cols_lo, cols_hi, idx_ptr,
             val_ptr, ends, gsum, g0, n_grp, G, NG, BLOCK_H, ROWS, HAS_ZERO, ZERO_F, INTERPRET,
@@ -468,7 +468,7 @@ def _q4_kernel(
     F32_DOT: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
-    ROW_SUM: tl.constexpr = False,
+    SCALAR: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     """Grid ``(byte blocks, split_k)``.  ``H*`` are the segments' packed widths (half their
@@ -510,13 +510,13 @@ def _q4_kernel(
             q_ptr, stride_qk, o, nmask, sc_ptr, z_ptr, stride_s, c_lo, c_hi,
             idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, ends0, gsum0, g0, n_grp, B,
             BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, ZERO_F, PREFETCH,
-            INTERPRET, ROW_SUM,
+            INTERPRET, SCALAR,
         )  # fmt: skip
         b_lo, b_hi = _walk_q4(
             q_ptr, stride_qk, H0 + o, nmask, sc_ptr, z_ptr, stride_s, u_lo, u_hi,
             idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, ends1, gsum1, g0, n_grp, B,
             BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, ZERO_F, PREFETCH,
-            INTERPRET, ROW_SUM,
+            INTERPRET, SCALAR,
         )  # fmt: skip
     else:
         seg, blk, bcol0, half = _segment(pid_n, H0, H1, H2, H3, NSEG, BLOCK_H)
@@ -537,7 +537,7 @@ def _q4_kernel(
             q_ptr, stride_qk, bcol0 + o, nmask, sc_ptr, z_ptr, stride_s, c_lo, c_hi,
             idx_ptr + slot * KC, val_ptr + slot * BB * KC, ends, gsum, g0, n_grp, B,
             BB, KC, G, NG, BLOCK_H, ROWS, USE_DOT, F32_DOT, HAS_ZERO, ZERO_F, PREFETCH,
-            INTERPRET, ROW_SUM,
+            INTERPRET, SCALAR,
         )  # fmt: skip
         b_lo = a_lo  # unused
         b_hi = a_hi
@@ -717,7 +717,7 @@ def _launch_q4(
         F32_DOT=_interpreting() or x.dtype == torch.float32,
         PREFETCH=cfg.prefetch and not use_dot,
         INTERPRET=_interpreting(),
-        ROW_SUM=cfg.row_sum and not use_dot,
+        SCALAR=cfg.scalar_rows and not use_dot,
         PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
