@@ -552,8 +552,9 @@ def site_candidates(name, sms):
     second wave where it fits: a few leftover CTAs cost a whole extra pass):
     the table's 2-D accumulator over 512-wide row runs (peeled, or double-buffered),
     and the row-sum walk (8 columns per thread, warps along N) at 1024 (4 warps;
-    16 rows a step peeled or double-buffered, 32 peeled) and 512 (2 warps) columns.
-    Plus the table's entry."""
+    16 rows a step peeled or double-buffered, 32 peeled) and 512 (2 warps) columns;
+    the walk over kept rows as scalars at 512, 1024 and 2048 columns. Plus the table's
+    entry."""
     _, k, splits, pair = CASES[name]
     n = sum(splits)
     base = tg.get_config(k, n, torch.bfloat16, 1, pair)
@@ -580,6 +581,12 @@ def site_candidates(name, sms):
         for per_sm in (1, 2, 3, 4):
             sk = max(1, min(per_sm * sms // nb, k // 64))
             out.append(tg.GemvConfig(block_n, rows, sk, warps, 1, False, pre, rs, peel))
+    # Kept rows as scalars (2026-12-07; won every int4 shape, not yet timed here).
+    for block_n, rows in ((512, 16), (1024, 16), (2048, 8)):
+        nb = blocks(block_n)
+        for per_sm in (2, 4):
+            sk = max(1, min(per_sm * sms // nb, k // 64))
+            out.append(tg.GemvConfig(block_n, rows, sk, 4, scalar_rows=True))
     seen, uniq = set(), []
     for c in out:
         if c not in seen:

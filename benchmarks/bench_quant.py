@@ -148,6 +148,12 @@ def candidates(fmt, k, n, pair):
                 continue
             split = split_for(block_n, waves, 64)
             out.append(tg.GemvConfig(block_n, 16, split, warps, 1, False, False, rs, True))
+        # Kept rows as scalars (as int4's table; 2026-12-07, not yet timed for int8).
+        for block_n, rows, waves in ((512, 16, 4), (1024, 16, 4), (1024, 8, 4), (2048, 8, 2)):
+            if block_n > max(32, 2 * n_eff):
+                continue
+            split = split_for(block_n, waves, 64)
+            out.append(tg.GemvConfig(block_n, rows, split, 4, scalar_rows=True))
     else:
         # Rows as scalars (scalar_rows): block_n / 2 bytes of each kept row per program, a
         # few bytes a thread, 1-D accumulators.

@@ -130,11 +130,17 @@ CONFIGS = [
     tg.GemvConfig(block_n=64, rows=32, split_k=1, num_warps=2, peel=True),
     # Many chunks of K (23 partials per output block) over wide blocks.
     tg.GemvConfig(block_n=512, rows=16, split_k=23, num_warps=4, peel=True),
+    # Kept rows as scalars: a partial last step, and many chunks of K.
+    tg.GemvConfig(block_n=64, rows=8, split_k=3, num_warps=2, scalar_rows=True),
+    tg.GemvConfig(block_n=256, rows=16, split_k=23, num_warps=4, scalar_rows=True),
 ]
 
 
 def _cfg_id(c):
-    return f"n{c.block_n}r{c.rows}s{c.split_k}d{c.dot:d}p{c.prefetch:d}r{c.row_sum:d}e{c.peel:d}"
+    return (
+        f"n{c.block_n}r{c.rows}s{c.split_k}d{c.dot:d}p{c.prefetch:d}r{c.row_sum:d}e{c.peel:d}"
+        f"{'S' if c.scalar_rows else ''}"
+    )
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
@@ -158,6 +164,7 @@ def test_every_config_path(cfg, dtype):
     [
         tg.GemvConfig(block_n=32, rows=16, split_k=3, num_warps=1, row_sum=True, peel=True),
         tg.GemvConfig(block_n=16, rows=32, split_k=1, num_warps=1, peel=True),
+        tg.GemvConfig(block_n=32, rows=8, split_k=2, num_warps=1, scalar_rows=True),
     ],
     ids=_cfg_id,
 )

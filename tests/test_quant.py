@@ -179,10 +179,34 @@ def test_int4_walk_configs_match_reference(k, cfg, zero):
     check_close(y, r.to(y.device), dtype)
 
 
+@pytest.mark.parametrize("p", [None, 0.5, 1.0])
+@pytest.mark.parametrize("cfg", [(32, 8, 3, 2), (64, 16, 1, 4)])
+def test_int8_scalar_rows_match_reference(p, cfg):
+    """int8 through the fp16 kernel's scalar-row walk: odd K, fused segments."""
+    tq = _tq()
+    from teal.kernels.triton_gemv import GemvConfig
+
+    k, splits, dtype = 131, (32, 16, 16), torch.bfloat16
+    qw = _quantized("int8", k, splits, dtype, 0, seed=13)
+    x = _x(1, k, dtype, seed=14, strided=True)
+    t = _thresholds(x, p, len(splits))
+    c = GemvConfig(*cfg, scalar_rows=True)
+    y = tq.quant_gemv(x, qw.qweight, qw.scales, None, t, splits, 0, None, c)
+    w = qw.dequantize(torch.float32)
+    if t is None:
+        r = (x.float() @ w).to(dtype)
+    else:
+        r = ref.sparse_linear_fused(x, w, t.cpu() if DEVICE == "cpu" else t, splits)
+    check_close(y, r, dtype)
+    if p == 1.0:
+        assert (y == 0).all()
+
+
 @pytest.mark.parametrize(
     "fmt,g,zero_point,scalar_rows",
     [
         ("int8", 0, False, False),
+        ("int8", 0, False, True),
         ("int4", 32, False, False),
         ("int4", 32, "offset", False),
         ("int4", 32, True, True),

@@ -235,6 +235,76 @@ def _compact(xv, score, k, t, B, idx_ptr, val_ptr, BB: tl.constexpr, KC: tl.cons
 
 
 @triton.jit
+def _codes_f32(w, INTERPRET: tl.constexpr):
+    """A row's weights to fp32 for the scalar-row walk: int8 four bytes at a time on the
+    GPU (XOR 0x80 makes each byte q + 128, one PRMT per byte sets it under the exponent of
+    2^23, one FADD removes 2^23 + 128), the same values as ``_wf32``."""
+    if w.dtype == tl.int8 and not INTERPRET:
+        b = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, m; xor.b32 t, $4, 0x80808080; mov.b32 m, 0x4B000000; "
+            "prmt.b32 $0, t, m, 0x7650; prmt.b32 $1, t, m, 0x7651; "
+            "prmt.b32 $2, t, m, 0x7652; prmt.b32 $3, t, m, 0x7653; }",
+            "=r,=r,=r,=r,r",
+            [w],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=4,
+        )
+        return b.to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        return _wf32(w)
+
+
+@triton.jit
+def _walk_rows(
+    w_ptr, stride_wk, cols, cols2, nmask, idx_ptr, val_ptr, cnt, KC: tl.constexpr,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, TWO: tl.constexpr, INTERPRET: tl.constexpr,
+    EVEN_N: tl.constexpr, OFF32: tl.constexpr,
+):  # fmt: skip
+    """Batch 1 with kept rows as scalars (``scalar_rows`` configs): a step loads the
+    channels and inputs of ``ROWS`` rows, then every row's run of the block's columns
+    (and of ``cols2`` too when ``TWO``: gate and up sharing one list), then multiplies.
+    The accumulators are 1-D, a thread holds a few columns of every row, and all of a
+    step's weight loads are in flight together (written in that order; a loop body per
+    row lets the compiler issue each load just before its use).  Returns two
+    ``[1, BLOCK_N]`` sums (the second is zero unless ``TWO``)."""
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # No tensor loop bounds in the interpreter (see _walk): masked steps over KC.
+    if INTERPRET:
+        n = KC
+    else:
+        n = cnt
+    for j in range(0, n, ROWS):
+        rows = ()
+        vals = ()
+        for i in tl.static_range(ROWS):
+            ok = j + i < cnt
+            rows = rows + (tl.load(idx_ptr + j + i, mask=ok, other=0),)
+            vals = vals + (tl.load(val_ptr + j + i, mask=ok, other=0.0),)
+        runs = ()
+        runs2 = ()
+        for i in tl.static_range(ROWS):
+            if EVEN_N:
+                m = j + i < cnt
+            else:
+                m = nmask & (j + i < cnt)
+            if OFF32:
+                base = w_ptr + rows[i] * stride_wk
+            else:
+                base = w_ptr + rows[i].to(tl.int64) * stride_wk
+            runs = runs + (tl.load(base + cols, mask=m, other=0.0),)
+            if TWO:
+                runs2 = runs2 + (tl.load(base + cols2, mask=m, other=0.0),)
+        for i in tl.static_range(ROWS):
+            v = vals[i].to(tl.float32)
+            acc += v * _codes_f32(runs[i], INTERPRET)
+            if TWO:
+                acc2 += v * _codes_f32(runs2[i], INTERPRET)
+    return acc[None, :], acc2[None, :]
+
+
+@triton.jit
 def _walk(
     w_ptr,
     stride_wk,
@@ -256,11 +326,18 @@ def _walk(
     PEEL: tl.constexpr = False,
     EVEN_N: tl.constexpr = False,
     OFF32: tl.constexpr = False,
+    SCALAR: tl.constexpr = False,
 ):
     """Sum over the ``cnt`` compacted rows of ``val[b, j] * wt[idx[j], cols]`` in fp32.
 
     Returns ``[BB, BLOCK_N]`` (dot path) or ``[1, BLOCK_N]`` (batch 1, FMA path).
     """
+    if SCALAR and not USE_DOT:
+        one, _ = _walk_rows(
+            w_ptr, stride_wk, cols, cols, nmask, idx_ptr, val_ptr, cnt, KC, BLOCK_N, ROWS,
+            False, INTERPRET, EVEN_N, OFF32,
+        )  # fmt: skip
+        return one
     # The interpreter (triton 3.6 with numpy >= 2.3) cannot take a tensor as a loop bound;
     # there the walk covers the whole chunk (KC) under masks, which computes the same sum.
     offs_r = tl.arange(0, ROWS)
@@ -494,7 +571,7 @@ def _pair_walks(
     slot1, cnt0, BB: tl.constexpr, KC: tl.constexpr, BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr, USE_DOT: tl.constexpr, F32_DOT: tl.constexpr,
     PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, ROW_SUM: tl.constexpr,
-    PEEL: tl.constexpr, EVEN_N: tl.constexpr, OFF32: tl.constexpr,
+    PEEL: tl.constexpr, EVEN_N: tl.constexpr, OFF32: tl.constexpr, SCALAR: tl.constexpr,
 ):  # fmt: skip
     """gate|up with the up list compacted under its own threshold: two walks in turn."""
     cnt1 = _compact(xv, score, k, t1, B, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, BB, KC)
@@ -503,12 +580,12 @@ def _pair_walks(
     acc = _walk(
         w_ptr, stride_wk, cols, nmask, idx_ptr + slot0 * KC, val_ptr + slot0 * BB * KC, cnt0,
         B, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT, PREFETCH, INTERPRET, ROW_SUM, PEEL,
-        EVEN_N, OFF32,
+        EVEN_N, OFF32, SCALAR,
     )  # fmt: skip
     acc2 = _walk(
         w_ptr, stride_wk, cols2, nmask, idx_ptr + slot1 * KC, val_ptr + slot1 * BB * KC, cnt1,
         B, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT, PREFETCH, INTERPRET, ROW_SUM, PEEL,
-        EVEN_N, OFF32,
+        EVEN_N, OFF32, SCALAR,
     )  # fmt: skip
     return acc, acc2
 
@@ -517,11 +594,16 @@ def _pair_walks(
 def _walk2(
     w_ptr, stride_wk, cols, cols2, nmask, idx_ptr, val_ptr, cnt, KC: tl.constexpr,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, INTERPRET: tl.constexpr,
-    ROW_SUM: tl.constexpr, EVEN_N: tl.constexpr, OFF32: tl.constexpr,
+    ROW_SUM: tl.constexpr, EVEN_N: tl.constexpr, OFF32: tl.constexpr, SCALAR: tl.constexpr,
 ):  # fmt: skip
     """Batch 1, one compacted list for two column runs of each row (gate and up): one
     index and value load per step serves both, both runs' loads are in flight together,
     and the loop starts and drains once. Peeled as in ``_walk``."""
+    if SCALAR:
+        return _walk_rows(
+            w_ptr, stride_wk, cols, cols2, nmask, idx_ptr, val_ptr, cnt, KC, BLOCK_N, ROWS,
+            True, INTERPRET, EVEN_N, OFF32,
+        )  # fmt: skip
     offs_r = tl.arange(0, ROWS)
     if ROW_SUM:
         acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
@@ -617,6 +699,7 @@ def _sparse_gemv_kernel(
     NSTEPS: tl.constexpr = 1,
     RES: tl.constexpr = False,
     PDL: tl.constexpr = False,
+    SCALAR: tl.constexpr = False,
 ):
     """Grid ``(output blocks, split_k)``.
 
@@ -664,19 +747,19 @@ def _sparse_gemv_kernel(
                 acc, acc2 = _walk2(
                     w_ptr, stride_wk, cols, cols2, nmask, idx_ptr + slot0 * KC,
                     val_ptr + slot0 * BB * KC, cnt0, KC, BLOCK_N, ROWS, INTERPRET, ROW_SUM,
-                    EVEN_N, OFF32,
+                    EVEN_N, OFF32, SCALAR,
                 )  # fmt: skip
             else:
                 acc, acc2 = _pair_walks(
                     xv, score, k, t1, B, w_ptr, stride_wk, cols, cols2, nmask, idx_ptr,
                     val_ptr, slot0, slot1, cnt0, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT,
-                    PREFETCH, INTERPRET, ROW_SUM, PEEL, EVEN_N, OFF32,
+                    PREFETCH, INTERPRET, ROW_SUM, PEEL, EVEN_N, OFF32, SCALAR,
                 )  # fmt: skip
         else:
             acc, acc2 = _pair_walks(
                 xv, score, k, t1, B, w_ptr, stride_wk, cols, cols2, nmask, idx_ptr,
                 val_ptr, slot0, slot1, cnt0, BB, KC, BLOCK_N, ROWS, USE_DOT, F32_DOT,
-                PREFETCH, INTERPRET, ROW_SUM, PEEL, EVEN_N, OFF32,
+                PREFETCH, INTERPRET, ROW_SUM, PEEL, EVEN_N, OFF32, SCALAR,
             )  # fmt: skip
     else:
         seg, blk, col0, width = _segment(pid_n, W0, W1, W2, W3, NSEG, BLOCK_N)
@@ -718,6 +801,7 @@ def _sparse_gemv_kernel(
             PEEL,
             EVEN_N,
             OFF32,
+            SCALAR,
         )
         acc2 = acc  # unused
         cols2 = cols  # unused
@@ -1171,12 +1255,13 @@ def _launch(
         PEEL=peel,
         EVEN_N=all(w % block_n == 0 for w in splits),
         OFF32=k * wt.stride(0) < 2**31,
-        PAIR_WALK=pair and peel,
+        PAIR_WALK=pair and (peel or (cfg.scalar_rows and not use_dot)),
         NORM=norm is not None,
         NB=nb,
         NSTEPS=triton.cdiv(k, nb),
         RES=residual is not None,
         PDL=pdl,
+        SCALAR=cfg.scalar_rows and not use_dot,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_options(pdl),
