@@ -26,7 +26,7 @@ epilogue run in one launch; ``thresholds=None`` is the dense call (every channel
   96-150 registers and about 5.  On an H100 (2026-12-07, same machine, bench_quant.py)
   Llama-3-8B int4 g128 decoding went from 196.6 to 254.8 tok/s dense and from 240.0 to
   328.1 at 50 % (benchmarks/results/quant-decode-int4-{before,rows}-h100-2026-12-07.json).
-  SASS of either walk can be inspected without a GPU: benchmarks/sass_int4.py.
+  SASS of either walk can be inspected without a GPU: benchmarks/sass_report.py.
 """
 
 from __future__ import annotations
