@@ -133,6 +133,7 @@ CONFIGS = [
     # Kept rows as scalars: a partial last step, and many chunks of K.
     tg.GemvConfig(block_n=64, rows=8, split_k=3, num_warps=2, scalar_rows=True),
     tg.GemvConfig(block_n=256, rows=16, split_k=23, num_warps=4, scalar_rows=True),
+    tg.GemvConfig(block_n=64, rows=8, split_k=3, num_warps=2, prefetch=True, scalar_rows=True),
 ]
 
 

@@ -161,6 +161,9 @@ def test_quant_gemv_matches_reference(fmt, k, splits, g, zero, p, b, dtype):
         # Rows as scalars (scalar_rows): a partial last step, several groups, 18 chunks.
         (300, (64, 16, 2, 4, 1, False, False, False, False, True)),
         (1100, (1024, 8, 34, 4, 1, False, False, False, False, True)),
+        # ... with the next step's channels and inputs loaded ahead (prefetch).
+        (300, (64, 16, 2, 4, 1, False, True, False, False, True)),
+        (1100, (512, 8, 34, 4, 1, False, True, False, False, True)),
     ],
 )
 @pytest.mark.parametrize("zero", ["code", "offset", "none"])
@@ -180,7 +183,7 @@ def test_int4_walk_configs_match_reference(k, cfg, zero):
 
 
 @pytest.mark.parametrize("p", [None, 0.5, 1.0])
-@pytest.mark.parametrize("cfg", [(32, 8, 3, 2), (64, 16, 1, 4)])
+@pytest.mark.parametrize("cfg", [(32, 8, 3, 2), (64, 16, 1, 4), (32, 8, 3, 2, 1, False, True)])
 def test_int8_scalar_rows_match_reference(p, cfg):
     """int8 through the fp16 kernel's scalar-row walk: odd K, fused segments."""
     tq = _tq()

@@ -256,18 +256,33 @@ def _codes_f32(w, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _row_index(idx_ptr, val_ptr, j, cnt, ROWS: tl.constexpr):
+    """Channels and inputs of rows ``j .. j+ROWS`` of the compacted list, as tuples of
+    scalars (0 past ``cnt``)."""
+    rows = ()
+    vals = ()
+    for i in tl.static_range(ROWS):
+        ok = j + i < cnt
+        rows = rows + (tl.load(idx_ptr + j + i, mask=ok, other=0),)
+        vals = vals + (tl.load(val_ptr + j + i, mask=ok, other=0.0),)
+    return rows, vals
+
+
+@triton.jit
 def _walk_rows(
     w_ptr, stride_wk, cols, cols2, nmask, idx_ptr, val_ptr, cnt, KC: tl.constexpr,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, TWO: tl.constexpr, INTERPRET: tl.constexpr,
-    EVEN_N: tl.constexpr, OFF32: tl.constexpr,
+    EVEN_N: tl.constexpr, OFF32: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     """Batch 1 with kept rows as scalars (``scalar_rows`` configs): a step loads the
     channels and inputs of ``ROWS`` rows, then every row's run of the block's columns
     (and of ``cols2`` too when ``TWO``: gate and up sharing one list), then multiplies.
     The accumulators are 1-D, a thread holds a few columns of every row, and all of a
     step's weight loads are in flight together (written in that order; a loop body per
-    row lets the compiler issue each load just before its use).  Returns two
-    ``[1, BLOCK_N]`` sums (the second is zero unless ``TWO``)."""
+    row lets the compiler issue each load just before its use).  ``PREFETCH``: the next
+    step's channels and inputs are loaded before this step's weights, so a step waits
+    for one memory round trip instead of two.  Returns two ``[1, BLOCK_N]`` sums (the
+    second is zero unless ``TWO``)."""
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # No tensor loop bounds in the interpreter (see _walk): masked steps over KC.
@@ -275,13 +290,14 @@ def _walk_rows(
         n = KC
     else:
         n = cnt
+    if PREFETCH:
+        rows, vals = _row_index(idx_ptr, val_ptr, 0, cnt, ROWS)
     for j in range(0, n, ROWS):
-        rows = ()
-        vals = ()
-        for i in tl.static_range(ROWS):
-            ok = j + i < cnt
-            rows = rows + (tl.load(idx_ptr + j + i, mask=ok, other=0),)
-            vals = vals + (tl.load(val_ptr + j + i, mask=ok, other=0.0),)
+        if PREFETCH:
+            cur_rows, cur_vals = rows, vals
+            rows, vals = _row_index(idx_ptr, val_ptr, j + ROWS, cnt, ROWS)
+        else:
+            cur_rows, cur_vals = _row_index(idx_ptr, val_ptr, j, cnt, ROWS)
         runs = ()
         runs2 = ()
         for i in tl.static_range(ROWS):
@@ -290,14 +306,14 @@ def _walk_rows(
             else:
                 m = nmask & (j + i < cnt)
             if OFF32:
-                base = w_ptr + rows[i] * stride_wk
+                base = w_ptr + cur_rows[i] * stride_wk
             else:
-                base = w_ptr + rows[i].to(tl.int64) * stride_wk
+                base = w_ptr + cur_rows[i].to(tl.int64) * stride_wk
             runs = runs + (tl.load(base + cols, mask=m, other=0.0),)
             if TWO:
                 runs2 = runs2 + (tl.load(base + cols2, mask=m, other=0.0),)
         for i in tl.static_range(ROWS):
-            v = vals[i].to(tl.float32)
+            v = cur_vals[i].to(tl.float32)
             acc += v * _codes_f32(runs[i], INTERPRET)
             if TWO:
                 acc2 += v * _codes_f32(runs2[i], INTERPRET)
@@ -335,7 +351,7 @@ def _walk(
     if SCALAR and not USE_DOT:
         one, _ = _walk_rows(
             w_ptr, stride_wk, cols, cols, nmask, idx_ptr, val_ptr, cnt, KC, BLOCK_N, ROWS,
-            False, INTERPRET, EVEN_N, OFF32,
+            False, INTERPRET, EVEN_N, OFF32, PREFETCH,
         )  # fmt: skip
         return one
     # The interpreter (triton 3.6 with numpy >= 2.3) cannot take a tensor as a loop bound;
@@ -595,6 +611,7 @@ def _walk2(
     w_ptr, stride_wk, cols, cols2, nmask, idx_ptr, val_ptr, cnt, KC: tl.constexpr,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, INTERPRET: tl.constexpr,
     ROW_SUM: tl.constexpr, EVEN_N: tl.constexpr, OFF32: tl.constexpr, SCALAR: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     """Batch 1, one compacted list for two column runs of each row (gate and up): one
     index and value load per step serves both, both runs' loads are in flight together,
@@ -602,7 +619,7 @@ def _walk2(
     if SCALAR:
         return _walk_rows(
             w_ptr, stride_wk, cols, cols2, nmask, idx_ptr, val_ptr, cnt, KC, BLOCK_N, ROWS,
-            True, INTERPRET, EVEN_N, OFF32,
+            True, INTERPRET, EVEN_N, OFF32, PREFETCH,
         )  # fmt: skip
     offs_r = tl.arange(0, ROWS)
     if ROW_SUM:
@@ -747,7 +764,7 @@ def _sparse_gemv_kernel(
                 acc, acc2 = _walk2(
                     w_ptr, stride_wk, cols, cols2, nmask, idx_ptr + slot0 * KC,
                     val_ptr + slot0 * BB * KC, cnt0, KC, BLOCK_N, ROWS, INTERPRET, ROW_SUM,
-                    EVEN_N, OFF32, SCALAR,
+                    EVEN_N, OFF32, SCALAR, PREFETCH,
                 )  # fmt: skip
             else:
                 acc, acc2 = _pair_walks(

@@ -49,6 +49,7 @@ from teal.kernels.triton_gemv import (
     _launch,
     _locks,
     _round,
+    _row_index,
     _scores,
     _segment,
     _sum_parts,
@@ -195,18 +196,13 @@ def _nibbles(p, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _q4_row_step(q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, j, hi, g_lo, g_hi,
+def _q4_row_step(q_ptr, stride_qk, bcols, nmask, rows, vals, j, hi, g_lo, g_hi,
                  ROWS: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
-    """Rows ``j .. j+ROWS`` of the compacted list (those below ``hi``) as scalars: every
-    row's channel and input first, then every row's run of bytes, then two FMAs a byte.
-    Written in that order so that all ``ROWS`` weight loads are in flight together; one
-    loop body per row lets the compiler issue each load just before its use."""
-    rows = ()
-    vals = ()
-    for i in tl.static_range(ROWS):
-        ok = j + i < hi
-        rows = rows + (tl.load(idx_ptr + j + i, mask=ok, other=0),)
-        vals = vals + (tl.load(val_ptr + j + i, mask=ok, other=0.0),)
+    """Rows ``j .. j+ROWS`` of the compacted list (those below ``hi``; ``rows`` and ``vals``
+    their channels and inputs, from ``triton_gemv._row_index``): every row's run of bytes
+    first, then two FMAs a byte.  Written in that order so that all ``ROWS`` weight loads
+    are in flight together; one loop body per row lets the compiler issue each load just
+    before its use."""
     runs = ()
     for i in tl.static_range(ROWS):
         ptr = q_ptr + rows[i].to(tl.int64) * stride_qk + bcols
@@ -243,6 +239,7 @@ def _walk_q4_rows(
     HAS_ZERO: tl.constexpr,
     ZERO_F: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Batch 1 with rows as scalars (``scalar_rows`` configs): each thread keeps a few bytes of
     every kept row, so the accumulators are 1-D (four fp32 a byte: group sum and total,
@@ -275,18 +272,30 @@ def _walk_q4_rows(
             zs_hi = 8.0 * s_hi
         g_lo = tl.zeros((BLOCK_H,), dtype=tl.float32)
         g_hi = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        # The interpreter steps over the whole group under masks (no tensor loop bounds).
         if INTERPRET:
-            for j in range(0, G, ROWS):
-                g_lo, g_hi = _q4_row_step(
-                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, lo + j, hi, g_lo, g_hi,
-                    ROWS, INTERPRET,
-                )  # fmt: skip
+            j_lo = 0
+            j_hi = G
         else:
-            for j in range(lo, hi, ROWS):
-                g_lo, g_hi = _q4_row_step(
-                    q_ptr, stride_qk, bcols, nmask, idx_ptr, val_ptr, j, hi, g_lo, g_hi,
-                    ROWS, INTERPRET,
-                )  # fmt: skip
+            j_lo = lo
+            j_hi = hi
+        if PREFETCH:
+            rows, vals = _row_index(idx_ptr, val_ptr, lo, hi, ROWS)
+        for jj in range(j_lo, j_hi, ROWS):
+            if INTERPRET:
+                j = lo + jj
+            else:
+                j = jj
+            if PREFETCH:
+                # The next step's channels and inputs are in flight during this step.
+                cur_rows, cur_vals = rows, vals
+                rows, vals = _row_index(idx_ptr, val_ptr, j + ROWS, hi, ROWS)
+            else:
+                cur_rows, cur_vals = _row_index(idx_ptr, val_ptr, j, hi, ROWS)
+            g_lo, g_hi = _q4_row_step(
+                q_ptr, stride_qk, bcols, nmask, cur_rows, cur_vals, j, hi, g_lo, g_hi, ROWS,
+                INTERPRET,
+            )  # fmt: skip
         xs = _pick(xsum, gi, NG)
         acc_lo += g_lo * s_lo - xs * zs_lo
         acc_hi += g_hi * s_hi - xs * zs_hi
@@ -331,6 +340,7 @@ def _walk_q4(
         return _walk_q4_rows(
             q_ptr, stride_qk, bcols, nmask, s_ptr, z_ptr, stride_s, cols_lo, cols_hi, idx_ptr,
             val_ptr, ends, gsum, g0, n_grp, G, NG, BLOCK_H, ROWS, HAS_ZERO, ZERO_F, INTERPRET,
+            PREFETCH,
         )  # fmt: skip
     offs_r = tl.arange(0, ROWS)
     if USE_DOT:
