@@ -79,7 +79,7 @@ def test_project_matches_reference(impl, dtype, k, splits, p, b, use_scale):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
-@pytest.mark.parametrize("act", ["silu", "relu", "relu2", "gelu"])
+@pytest.mark.parametrize("act", ["silu", "relu", "relu2", "gelu", "drelu"])
 @pytest.mark.parametrize("b", [1, 2])
 def test_gate_up_matches_reference(impl, dtype, act, b):
     x, wt, _ = _inputs(b, 75, 2 * 37, dtype, seed=5)
@@ -183,7 +183,7 @@ def test_threads_do_not_change_results():
 # ----- the whole model ---------------------------------------------------------------------
 
 
-def _tiny_model(dtype=torch.float32, window=None):
+def _tiny_model(dtype=torch.float32, window=None, act="silu"):
     from teal.model.build import random_model
     from teal.model.config import PRESETS
 
@@ -196,6 +196,7 @@ def _tiny_model(dtype=torch.float32, window=None):
         ffn_dim=160,
         vocab_size=211,
         sliding_windows=(window,) * 3,
+        act=act,
     )
     return random_model(cfg, dtype=dtype, seed=1)
 
@@ -207,9 +208,9 @@ def _calibrated(model, p):
     return collect_stats(model, ids, seq_len=64, progress=False).thresholds(p)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_model_decodes_the_same_with_cpu_and_torch_backends(dtype):
-    model = _tiny_model(dtype)
+@pytest.mark.parametrize("dtype,act", [(d, "silu") for d in DTYPES] + [(torch.float32, "drelu")])
+def test_model_decodes_the_same_with_cpu_and_torch_backends(dtype, act):
+    model = _tiny_model(dtype, act=act)
     model.set_sparsity(_calibrated(model, 0.5), mode="decode")
     prompt = torch.randint(0, 211, (1, 7), generator=_gen(2))
     runs = {}

@@ -93,7 +93,7 @@ def test_sparse_gemv_fused(dtype, splits, b, use_scale):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act", ["silu", "relu", "relu2", "gelu"])
+@pytest.mark.parametrize("act", ["silu", "relu", "relu2", "gelu", "drelu"])
 @pytest.mark.parametrize("b", [1, 3])
 def test_sparse_gate_up_act(dtype, act, b):
     k, f = 97, 70

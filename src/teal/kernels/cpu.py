@@ -51,7 +51,7 @@ from teal.model.quant import QuantWeight
 
 IMPLEMENTATIONS = ("native", "embedding_bag")
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ACT_CODE = {"silu": 0, "relu": 1, "relu2": 2, "gelu": 3}
+_ACT_CODE = {"silu": 0, "relu": 1, "relu2": 2, "gelu": 3, "drelu": 4}
 
 _SOURCE = r"""
 // teal CPU sparse GEMV.  y[b, n] = sum over kept i of x[b, i] * W^T[i, n], where channel i
@@ -145,6 +145,7 @@ inline float act(float g, int kind) {
     case 0: return g / (1.0f + vexp(-g));                       // silu
     case 1: return g > 0.0f ? g : 0.0f;                          // relu
     case 2: { const float r = g > 0.0f ? g : 0.0f; return r * r; }  // relu^2
+    case 4: return g > 0.0f ? g : 0.0f;                          // drelu's gate
     default: {                                                    // gelu, tanh form
       const float y = 0.7978845608f * (g + 0.044715f * g * g * g);
       const float t = 1.0f - 2.0f / (vexp(2.0f * y) + 1.0f);
@@ -188,7 +189,8 @@ inline void act_chunk(float* g, int64_t n, int kind) {
 #endif
       for (; j < n; ++j) g[j] = g[j] / (1.0f + vexp(-g[j]));
       break;
-    case 1: for (int64_t j = 0; j < n; ++j) g[j] = g[j] > 0.0f ? g[j] : 0.0f; break;
+    case 1:
+    case 4: for (int64_t j = 0; j < n; ++j) g[j] = g[j] > 0.0f ? g[j] : 0.0f; break;
     case 2:
       for (int64_t j = 0; j < n; ++j) { const float r = g[j] > 0.0f ? g[j] : 0.0f; g[j] = r * r; }
       break;
@@ -506,6 +508,8 @@ struct ActOut {
         }
       }
       act_chunk(g, len, kind);
+      if (kind == 4)  // dReLU: the up branch through ReLU as well
+        for (int64_t j = 0; j < len; ++j) u[j] = u[j] > 0.0f ? u[j] : 0.0f;
       for (int64_t j = 0; j < len; ++j) store(g[j] * u[j], out + b * F + j0 + j);
     }
   }
@@ -1191,7 +1195,7 @@ def _bag_gate_up(
 ) -> Tensor:
     ffn = wt.shape[1] // 2
     gu = _bag_project(x, wt, thresholds, (ffn, ffn), scale).float()
-    return (reference.apply_act(gu[..., :ffn], act) * gu[..., ffn:]).to(wt.dtype)
+    return reference.gate_up_product(gu[..., :ffn], gu[..., ffn:], act).to(wt.dtype)
 
 
 # ----- the backend ---------------------------------------------------------------------

@@ -246,7 +246,7 @@ def project_gate_up(
         scale = sparse.scales.get("mlp_in") if sparse.scales else None
         return fn(x, wt_gate_up, sparse.thresholds[4:6], act, scale)
     gu = project(x, wt_gate_up, None, sparse, slice(4, 6), (ffn, ffn), "mlp_in")
-    return reference.apply_act(gu[..., :ffn], act) * gu[..., ffn:]
+    return reference.gate_up_product(gu[..., :ffn], gu[..., ffn:], act)
 
 
 def _cats_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall, act: str) -> Tensor:
@@ -259,7 +259,8 @@ def _cats_gate_up(x: Tensor, wt_gate_up: Tensor, sparse: SparseCall, act: str) -
     keep = a.abs() > sparse.thresholds[4]
     if sparse.pos_mask is not None:
         keep = keep | ~sparse.pos_mask[..., None]
-    mid = a * (x @ wt_gate_up[:, ffn:])
+    up = x @ wt_gate_up[:, ffn:]
+    mid = a * (torch.relu(up) if act == "drelu" else up)
     return torch.where(keep, mid, torch.zeros((), dtype=mid.dtype, device=mid.device))
 
 

@@ -63,20 +63,30 @@ def sparse_gate_up_act(
     ffn = wt_gate_up.shape[1] // 2
     gu = sparse_linear_fused(x, wt_gate_up, thresholds, (ffn, ffn), scale).float()
     gate, up = gu[..., :ffn], gu[..., ffn:]
-    return (apply_act(gate, act) * up).to(x.dtype)
+    return gate_up_product(gate, up, act).to(x.dtype)
+
+
+def gate_up_product(gate: Tensor, up: Tensor, act: str) -> Tensor:
+    """The MLP's middle from its two projections: ``act(gate) * up``; with dReLU (as in
+    TurboSparse) the up branch passes through ReLU too, so the middle is zero wherever
+    either branch is negative."""
+    if act == "drelu":
+        up = torch.relu(up)
+    return apply_act(gate, act) * up
 
 
 def apply_act(x: Tensor, act: str) -> Tensor:
-    """The MLP activations of the Llama family and its ReLU-family relatives."""
+    """The MLP activations of the Llama family and its ReLU-family relatives (``drelu``:
+    ReLU on the gate here; ``gate_up_product`` applies it to the up branch)."""
     if act == "silu":
         return torch.nn.functional.silu(x)
-    if act == "relu":
+    if act in ("relu", "drelu"):
         return torch.relu(x)
     if act == "relu2":
         return torch.relu(x).square()
     if act == "gelu":
         return torch.nn.functional.gelu(x, approximate="tanh")
-    raise ValueError(f"unknown activation {act!r}: expected silu, relu, relu2 or gelu")
+    raise ValueError(f"unknown activation {act!r}: expected silu, relu, relu2, drelu or gelu")
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -83,7 +83,7 @@ __all__ = [
     "prepare",
 ]
 
-ACTS = {"none": 0, "silu": 1, "relu": 2, "relu2": 3, "gelu": 4}
+ACTS = {"none": 0, "silu": 1, "relu": 2, "relu2": 3, "gelu": 4, "drelu": 5}
 MAX_SEGMENTS = 4
 MAX_BATCH = 64
 
@@ -536,7 +536,7 @@ def _round(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 def _act(g, ACT: tl.constexpr):
     if ACT == 1:  # silu
         return g / (1.0 + tl.exp(-g))
-    elif ACT == 2:  # relu
+    elif ACT == 2 or ACT == 5:  # relu; drelu's gate (its up: _epilogue)
         return tl.maximum(g, 0.0)
     elif ACT == 3:  # relu2
         r = tl.maximum(g, 0.0)
@@ -906,6 +906,8 @@ def _epilogue(
         # the down projection's threshold, and flips compound over layers.
         g = _round(acc, ty, INTERPRET)
         u = _round(acc2, ty, INTERPRET)
+        if ACT == 5:  # dReLU: the up branch through ReLU as well
+            u = tl.maximum(u, 0.0)
         h = _round(_round(_act(g, ACT), ty, INTERPRET) * u, ty, INTERPRET)
         tl.store(y_ptr + rb[:, None] * stride_yb + offs_n[None, :], h.to(ty), mask=omask)
     else:

@@ -18,7 +18,8 @@ _HF_ARCH_NAMES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "relu2": "relu2"}
+# drelu: ReLU on both gate and up (TurboSparse's dReLU); config.json says "drelu".
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "relu2": "relu2", "drelu": "drelu"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class ModelConfig:
             )
         if self.act not in _ACTIVATIONS.values():
             raise UnsupportedModelError(
-                f"MLP activation {self.act!r} is not supported; supported: silu, relu, relu2"
+                f"MLP activation {self.act!r} is not supported; supported: silu, relu, relu2, drelu"
             )
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedModelError(
@@ -112,7 +113,7 @@ class ModelConfig:
         act_name = cfg.get("hidden_act", "silu")
         if act_name not in _ACTIVATIONS:
             raise UnsupportedModelError(
-                f"hidden_act {act_name!r} is not supported; supported: silu, relu, relu2"
+                f"hidden_act {act_name!r} is not supported; supported: silu, relu, relu2, drelu"
             )
         n_heads = int(cfg["num_attention_heads"])
         dim = int(cfg["hidden_size"])

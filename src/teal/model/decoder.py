@@ -246,7 +246,8 @@ class MLP(_Tracked):
         ffn = self.w_gate_up.shape[1] // 2
         gu = project(res, self.w_gate_up, None, sparse, slice(4, 6), (ffn, ffn), "mlp_in")
         gu = (gu.float() + z.float() @ self.lr_uw.float()).to(x.dtype)
-        return (reference.apply_act(gu[..., :ffn].float(), self.act) * gu[..., ffn:]).to(x.dtype)
+        gate, up = gu[..., :ffn].float(), gu[..., ffn:]
+        return reference.gate_up_product(gate, up, self.act).to(x.dtype)
 
 
 class Block(_Tracked):
