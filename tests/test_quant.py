@@ -130,6 +130,18 @@ KERNEL_CASES = [
 ]
 
 
+def _check_dequantized(y, x, qw, t, splits, dtype, p):
+    """``y`` against the dequantize-then-matmul reference; all zero when p = 1."""
+    w = qw.dequantize(torch.float32)
+    if t is None:
+        r = (x.float() @ w).to(dtype)
+    else:
+        r = ref.sparse_linear_fused(x, w, t.cpu() if DEVICE == "cpu" else t, splits)
+    check_close(y, r, dtype)
+    if p == 1.0:
+        assert (y == 0).all()
+
+
 @pytest.mark.parametrize("fmt,k,splits,g,zero", KERNEL_CASES)
 @pytest.mark.parametrize("p", [None, 0.5, 1.0])
 @pytest.mark.parametrize("b,dtype", [(1, torch.bfloat16), (3, torch.float16)])
@@ -139,14 +151,7 @@ def test_quant_gemv_matches_reference(fmt, k, splits, g, zero, p, b, dtype):
     x = _x(b, k, dtype, seed=b, strided=b > 1)  # batches: a non-contiguous view
     t = _thresholds(x, p, len(splits))
     y = tq.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, t, splits, qw.group_size)
-    w = qw.dequantize(torch.float32)
-    if t is None:
-        r = (x.float() @ w).to(dtype)
-    else:
-        r = ref.sparse_linear_fused(x, w, t.cpu() if DEVICE == "cpu" else t, splits)
-    check_close(y, r, dtype)
-    if p == 1.0:
-        assert (y == 0).all()
+    _check_dequantized(y, x, qw, t, splits, dtype, p)
 
 
 @pytest.mark.parametrize(
@@ -195,14 +200,7 @@ def test_int8_scalar_rows_match_reference(p, cfg):
     t = _thresholds(x, p, len(splits))
     c = GemvConfig(*cfg, scalar_rows=True)
     y = tq.quant_gemv(x, qw.qweight, qw.scales, None, t, splits, 0, None, c)
-    w = qw.dequantize(torch.float32)
-    if t is None:
-        r = (x.float() @ w).to(dtype)
-    else:
-        r = ref.sparse_linear_fused(x, w, t.cpu() if DEVICE == "cpu" else t, splits)
-    check_close(y, r, dtype)
-    if p == 1.0:
-        assert (y == 0).all()
+    _check_dequantized(y, x, qw, t, splits, dtype, p)
 
 
 @pytest.mark.parametrize(

@@ -196,6 +196,28 @@ def _nibbles(p, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _group_scales(s_ptr, z_ptr, stride_s, g, cols_lo, cols_hi, smask, HAS_ZERO: tl.constexpr,
+                  ZERO_F: tl.constexpr):  # fmt: skip
+    """Group ``g``'s scales for the low- and high-nibble columns, and ``zs``: what
+    multiplies ``-sum(x)`` of the group: ``z * s`` (zero point codes; ``8 * s`` without),
+    or ``-m`` for float offsets (``w = q * s + m``)."""
+    s_lo = tl.load(s_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
+    s_hi = tl.load(s_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
+    if ZERO_F:
+        zs_lo = -tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
+        zs_hi = -tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
+    elif HAS_ZERO:
+        z_lo = _i4f(tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0).to(tl.int32))
+        z_hi = _i4f(tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0).to(tl.int32))
+        zs_lo = z_lo * s_lo
+        zs_hi = z_hi * s_hi
+    else:
+        zs_lo = 8.0 * s_lo
+        zs_hi = 8.0 * s_hi
+    return s_lo, s_hi, zs_lo, zs_hi
+
+
+@triton.jit
 def _q4_row_step(q_ptr, stride_qk, bcols, nmask, rows, vals, j, hi, g_lo, g_hi,
                  ROWS: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """Rows ``j .. j+ROWS`` of the compacted list (those below ``hi``; ``rows`` and ``vals``
@@ -257,19 +279,9 @@ def _walk_q4_rows(
         hi = _pick(ends, gi, NG)
         lo = _pick(ends, gi - 1, NG)
         smask = nmask & (g < n_grp)
-        s_lo = tl.load(s_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
-        s_hi = tl.load(s_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
-        if ZERO_F:
-            zs_lo = -tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
-            zs_hi = -tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
-        elif HAS_ZERO:
-            z_lo = _i4f(tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0).to(tl.int32))
-            z_hi = _i4f(tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0).to(tl.int32))
-            zs_lo = z_lo * s_lo
-            zs_hi = z_hi * s_hi
-        else:
-            zs_lo = 8.0 * s_lo
-            zs_hi = 8.0 * s_hi
+        s_lo, s_hi, zs_lo, zs_hi = _group_scales(
+            s_ptr, z_ptr, stride_s, g, cols_lo, cols_hi, smask, HAS_ZERO, ZERO_F
+        )
         g_lo = tl.zeros((BLOCK_H,), dtype=tl.float32)
         g_hi = tl.zeros((BLOCK_H,), dtype=tl.float32)
         # The interpreter steps over the whole group under masks (no tensor loop bounds).
@@ -362,21 +374,9 @@ def _walk_q4(
         hi = _pick(ends, gi, NG)
         lo = _pick(ends, gi - 1, NG)
         smask = nmask & (g < n_grp)
-        s_lo = tl.load(s_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
-        s_hi = tl.load(s_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
-        # zs: what multiplies -sum(x) of the group: z * s (zero point codes, 8 * s
-        # without), or -m for float offsets (w = q * s + m).
-        if ZERO_F:
-            zs_lo = -tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0.0).to(tl.float32)
-            zs_hi = -tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0.0).to(tl.float32)
-        elif HAS_ZERO:
-            z_lo = _i4f(tl.load(z_ptr + g * stride_s + cols_lo, mask=smask, other=0).to(tl.int32))
-            z_hi = _i4f(tl.load(z_ptr + g * stride_s + cols_hi, mask=smask, other=0).to(tl.int32))
-            zs_lo = z_lo * s_lo
-            zs_hi = z_hi * s_hi
-        else:
-            zs_lo = 8.0 * s_lo
-            zs_hi = 8.0 * s_hi
+        s_lo, s_hi, zs_lo, zs_hi = _group_scales(
+            s_ptr, z_ptr, stride_s, g, cols_lo, cols_hi, smask, HAS_ZERO, ZERO_F
+        )
         g_lo = tl.zeros_like(acc_lo)
         g_hi = tl.zeros_like(acc_hi)
         rows = tl.load(idx_ptr + lo + offs_r, mask=lo + offs_r < hi, other=0)
