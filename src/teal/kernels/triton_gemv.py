@@ -18,9 +18,12 @@ channel is a whole row never read. One launch does everything:
    contiguous run of ``BLOCK_N`` weights, and accumulates in fp32. Time therefore falls
    with the kept bytes. The peeled variant (``peel``) runs whole steps unmasked and one
    masked step for the remainder: fewer instructions per weight byte, which shows once
-   several CTAs share an SM. Compaction and walk are separate functions so that
-   quantized weights (int8 per-output-channel scales, group-wise int4 along K) can
-   reuse the compaction and swap in a walk that dequantizes.
+   several CTAs share an SM. ``scalar_rows`` configs walk the kept rows as scalars
+   instead (``_walk_rows``: 1-D accumulators, all of a step's row loads in flight; the
+   form that made int4 30 % faster, untimed here so far). Compaction and walk are
+   separate functions so that quantized weights (int8 per-output-channel scales,
+   group-wise int4 along K) can reuse the compaction and swap in a walk that
+   dequantizes.
 3. Split-K reduction. When the ``N`` blocks alone cannot fill the GPU, ``K`` is split
    into ``split_k`` chunks. Each program writes its fp32 partial; an atomic ticket per
    output block elects the last arriving program, which sums the partials in fixed
