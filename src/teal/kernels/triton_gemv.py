@@ -1360,7 +1360,8 @@ def sparse_gate_up_act(
 
 def candidate_configs(k: int, n: int, pair: bool, b: int = 1) -> list[GemvConfig]:
     """A small search space around what filled an H100 best: tile widths, rows per step,
-    split-K (from a target number of waves of CTAs), double buffering, tl.dot."""
+    split-K (from a target number of waves of CTAs), double buffering, tl.dot, the walk
+    over kept rows as scalars."""
     out = []
     n_eff = n // 2 if pair else n
     sms = 132
@@ -1399,9 +1400,16 @@ def candidate_configs(k: int, n: int, pair: bool, b: int = 1) -> list[GemvConfig
             out.append(GemvConfig(block_n, rows, split_for(block_n, 4), 4, stages, True))
     if n_eff < 256:
         out.append(GemvConfig(64, 32, split_for(64, 4), 4, 1, dot))
-    return sorted(
-        set(out), key=lambda c: (c.block_n, c.split_k, c.rows, c.num_stages, c.dot, c.prefetch)
-    )
+    # Kept rows as scalars (the walk int4's table uses everywhere), with and without the
+    # next step's channels loaded ahead.
+    for block_n, rows in ((512, 16), (1024, 16), (2048, 8)):
+        if block_n <= max(16, triton.next_power_of_2(n_eff)):
+            for waves in (2, 4):
+                for pre in (False, True):
+                    split = split_for(block_n, waves)
+                    out.append(GemvConfig(block_n, rows, split, 4, prefetch=pre, scalar_rows=True))
+    order = ("block_n", "split_k", "rows", "num_stages", "dot", "prefetch", "scalar_rows")
+    return sorted(set(out), key=lambda c: tuple(getattr(c, f) for f in order))
 
 
 def tune(
