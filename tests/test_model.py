@@ -8,19 +8,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers_models import TINY as SHARED_TINY  # noqa: E402
 from teal.model.build import from_checkpoint, hf_state_dict, random_model  # noqa: E402
 from teal.model.config import ModelConfig  # noqa: E402
 
-TINY = dict(
-    vocab_size=97,
-    dim=48,
-    n_layers=2,
-    n_heads=6,
-    n_kv_heads=2,
-    head_dim=8,
-    ffn_dim=80,
-    max_seq_len=96,
-)
+# The shared tiny shapes; each case below names its architecture.
+TINY = {**{k: v for k, v in SHARED_TINY.items() if k != "arch"}, "max_seq_len": 96}
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
