@@ -546,15 +546,16 @@ SITE_CASES = [
 SITE_P = [0.0, 0.25, 0.4, 0.5, 0.65]  # what teal bench runs; the score sums them
 
 
-def site_candidates(name, sms):
+def site_candidates(name, sms, family="all"):
     """A small search over six loop structures, each at the split-K counts that make
     one to four CTAs per SM (rounded down, so a launch never spills into a partial
     second wave where it fits: a few leftover CTAs cost a whole extra pass):
     the table's 2-D accumulator over 512-wide row runs (peeled, or double-buffered),
     and the row-sum walk (8 columns per thread, warps along N) at 1024 (4 warps;
     16 rows a step peeled or double-buffered, 32 peeled) and 512 (2 warps) columns;
-    the walk over kept rows as scalars at 512, 1024 and 2048 columns. Plus the table's
-    entry."""
+    the walk over kept rows as scalars at 512, 1024 and 2048 columns, with and without
+    the next step loaded ahead. Plus the table's entry. ``family="scalar"``: only the
+    table's entry and the scalar-row walks (a shorter A/B)."""
     _, k, splits, pair = CASES[name]
     n = sum(splits)
     base = tg.get_config(k, n, torch.bfloat16, 1, pair)
@@ -576,7 +577,7 @@ def site_candidates(name, sms):
         # The gate|up walk over one shared list loads two runs a step: narrower blocks
         # keep its two accumulators in registers.
         shapes += [(256, 16, 4, False, False, True), (256, 32, 4, False, False, True)]
-    for block_n, rows, warps, pre, rs, peel in shapes:
+    for block_n, rows, warps, pre, rs, peel in shapes if family == "all" else ():
         nb = blocks(block_n)
         for per_sm in (1, 2, 3, 4):
             sk = max(1, min(per_sm * sms // nb, k // 64))
@@ -586,7 +587,8 @@ def site_candidates(name, sms):
         nb = blocks(block_n)
         for per_sm in (2, 4):
             sk = max(1, min(per_sm * sms // nb, k // 64))
-            out.append(tg.GemvConfig(block_n, rows, sk, 4, scalar_rows=True))
+            for pre in (False, True):
+                out.append(tg.GemvConfig(block_n, rows, sk, 4, prefetch=pre, scalar_rows=True))
     seen, uniq = set(), []
     for c in out:
         if c not in seen:
@@ -660,7 +662,7 @@ def _site_row(kernel, x, ws, t, splits, cfg, ths, tol):
     return row
 
 
-def site_tune(dtype_name, workers, log, n_layers=32, cases=None):
+def site_tune(dtype_name, workers, log, n_layers=32, cases=None, family="all"):
     """Each site's candidates timed where they run: a CUDA graph of ``n_layers`` launches
     of that site over distinct weights (only the input stays in L2, as in decoding), at
     each of SITE_P; cuBLAS on the dense and on the compacted matrices (same kept rows)
@@ -669,7 +671,7 @@ def site_tune(dtype_name, workers, log, n_layers=32, cases=None):
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cases = cases or SITE_CASES
-    cands = {nm: site_candidates(nm, sms) for nm in cases}
+    cands = {nm: site_candidates(nm, sms, family) for nm in cases}
     jobs = [(nm, dtype_name, 1, c) for nm in cases for c in cands[nm]]
     t0 = time.time()
     parallel_compile(jobs, workers)
@@ -805,6 +807,12 @@ def main():
         help="only tune each batch-1 site in a CUDA graph of 32 launches against cuBLAS "
         "(dense and compacted) and write the result here (see site_tune)",
     )
+    ap.add_argument(
+        "--site-family",
+        default="all",
+        choices=("all", "scalar"),
+        help="--site-tune's candidates: all, or the table's entry and the scalar-row walks",
+    )
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument(
         "--pytest",
@@ -861,7 +869,10 @@ def main():
 
     if args.site_tune:
         cases = [c for c in args.cases.split(",") if c in SITE_CASES]
-        res = site_tune(args.dtypes.split(",")[0], args.workers, log, cases=cases or None)
+        res = site_tune(
+            args.dtypes.split(",")[0], args.workers, log, cases=cases or None,
+            family=args.site_family,
+        )  # fmt: skip
         with open(args.site_tune, "w") as f:
             json.dump({**meta, **res}, f, indent=1)
         if args.graph_tune:
