@@ -114,7 +114,9 @@ def check(group):
     return rows
 
 
-def candidates(fmt, k, n, pair):
+def candidates(fmt, k, n, pair, family="all"):
+    """The table's entry and a small search; ``family="scalar"``: the entry and the
+    walks over kept rows as scalars only (a shorter A/B)."""
     n_eff = n // 2 if pair else n
     out = [tg.get_config(k, n, fmt, 1, pair)]
 
@@ -122,7 +124,7 @@ def candidates(fmt, k, n, pair):
         blocks = -(-n_eff // block_n)
         return max(1, min(-(-waves * 132 // blocks), -(-k // min_rows)))
 
-    for block_n, rows, waves, warps, pre in (
+    table_walks = (
         (512, 16, 2, 4, True),
         (512, 16, 4, 4, True),
         (512, 16, 4, 4, False),
@@ -130,7 +132,8 @@ def candidates(fmt, k, n, pair):
         (256, 32, 4, 4, True),
         (256, 32, 8, 4, False),
         (128, 64, 8, 4, False),
-    ):
+    )
+    for block_n, rows, waves, warps, pre in table_walks if family == "all" else ():
         if block_n > max(32, 2 * n_eff):
             continue
         split = split_for(block_n, waves, 128 if fmt == "int4" else 64)
@@ -138,22 +141,20 @@ def candidates(fmt, k, n, pair):
     if fmt == "int8":
         # The peeled walk, and the row-sum walk (16 int8 columns per thread, warps along
         # N: 512 columns a warp), as in the bf16 search of bench_kernels.py --site-tune.
-        for block_n, warps, waves, rs in (
-            (512, 4, 2, False),
-            (512, 4, 4, False),
-            (1024, 2, 2, True),
-            (2048, 4, 2, True),
-        ):
+        peeled = ((512, 4, 2, False), (512, 4, 4, False), (1024, 2, 2, True), (2048, 4, 2, True))
+        for block_n, warps, waves, rs in peeled if family == "all" else ():
             if block_n > max(32, 2 * n_eff):
                 continue
             split = split_for(block_n, waves, 64)
             out.append(tg.GemvConfig(block_n, 16, split, warps, 1, False, False, rs, True))
-        # Kept rows as scalars (as int4's table; 2026-12-07, not yet timed for int8).
+        # Kept rows as scalars (as int4's table; 2026-12-07, not yet timed for int8), with
+        # and without the next step's channels loaded ahead.
         for block_n, rows, waves in ((512, 16, 4), (1024, 16, 4), (1024, 8, 4), (2048, 8, 2)):
             if block_n > max(32, 2 * n_eff):
                 continue
             split = split_for(block_n, waves, 64)
-            out.append(tg.GemvConfig(block_n, rows, split, 4, scalar_rows=True))
+            for pre in (False, True):
+                out.append(tg.GemvConfig(block_n, rows, split, 4, prefetch=pre, scalar_rows=True))
     else:
         # Rows as scalars (scalar_rows): block_n / 2 bytes of each kept row per program, a
         # few bytes a thread, 1-D accumulators; with and without the next step's channels
@@ -169,7 +170,7 @@ def candidates(fmt, k, n, pair):
     return list(dict.fromkeys(out))
 
 
-def tune(group, formats=FORMATS):
+def tune(group, formats=FORMATS, family="all"):
     """Pick, per (format, case), the config with the least time at p = 0 plus p = 0.5."""
     winners = {}
     for fmt in formats:
@@ -180,7 +181,7 @@ def tune(group, formats=FORMATS):
             t_half = thresholds(x, 0.5, len(splits))
             want = reference(qw, x, t_half, splits, pair).float()
             res = []
-            for cfg in candidates(fmt, k, n, pair):
+            for cfg in candidates(fmt, k, n, pair, family):
                 try:
                     # Every candidate must match the reference before it is timed.
                     got = call(qw, x, t_half, splits, pair, cfg)().float()
@@ -303,6 +304,7 @@ def main():
         help="run in this order; decode may appear twice (before and after tune: an A/B)",
     )
     ap.add_argument("--tune-formats", default="int8,int4")
+    ap.add_argument("--tune-family", default="all", choices=("all", "scalar"))
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-sparsity", default="0,0.5")
@@ -334,7 +336,8 @@ def main():
             rows = check(args.group_size)
             save("check", {**head, "all_ok": all(r["ok"] for r in rows), "results": rows})
         elif phase == "tune":
-            winners = tune(args.group_size, tuple(args.tune_formats.split(",")))
+            formats = tuple(args.tune_formats.split(","))
+            winners = tune(args.group_size, formats, args.tune_family)
             save("configs", {**head, "configs": winners, "candidate_checks": CHECKS})
         elif phase == "kernels":
             rows = bench_kernels(args.group_size)
