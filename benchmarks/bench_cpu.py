@@ -154,8 +154,15 @@ def main() -> None:
         choices=("int8", "int4", "gguf"),
         default=None,
         help="our rows on quantized weights (thresholds from the unquantized model): int8"
-        " (projections and lm_head; llama.cpp adds a Q8_0 file), int4 (groups of 32, float"
-        " offsets), gguf (the file's own Q4_1 blocks, the head stays float)",
+        " (projections and lm_head; llama.cpp adds a Q8_0 file), int4 (--group-size,"
+        " --zero-point), gguf (the file's own Q4_1 blocks, the head stays float)",
+    )
+    ap.add_argument("--group-size", type=int, default=32, help="int4 group (default 32)")
+    ap.add_argument(
+        "--zero-point",
+        default="offset",
+        choices=("offset", "code", "none"),
+        help="int4 zero points: float offsets (default), codes, or symmetric",
     )
     ap.add_argument("--llama-build-seconds", type=float, default=None, help="recorded as given")
     ap.add_argument("--llama-build", default=None, help="how llama-cpp-python was built (recorded)")
@@ -164,6 +171,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     date = datetime.date.today().isoformat()
     tag = args.dtype + (f"-{args.quant}" if args.quant else "")
+    if args.quant == "int4" and (args.group_size, args.zero_point) != (32, "offset"):
+        tag += f"-g{args.group_size}-{args.zero_point}"
     out = Path(args.out or f"benchmarks/results/cpu-{tag}-{date}.json")
     busy: dict[str, float] = {}
 
@@ -175,7 +184,7 @@ def main() -> None:
         # As for evaluation: thresholds from the unquantized model, then quantize.
         thresholds = calibration_thresholds(model, levels)
         if args.quant == "int4":
-            model.quantize("int4", group_size=32, zero_point="offset")
+            model.quantize("int4", group_size=args.group_size, zero_point=args.zero_point)
         else:
             model.quantize(args.quant)
         model.set_backend("cpu")
