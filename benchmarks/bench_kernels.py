@@ -381,12 +381,7 @@ def _variants(base):
     out.append(replace(base, prefetch=not base.prefetch))
     out.append(replace(base, rows=32))
     out.append(replace(base, num_warps=8))
-    seen, uniq = set(), []
-    for c in out:
-        if c not in seen:
-            seen.add(c)
-            uniq.append(c)
-    return uniq
+    return list(dict.fromkeys(out))  # in order, each config once
 
 
 def graph_tune(dtype_name, workers, log, n_layers=32, pyt=None, only_final=False):
@@ -589,12 +584,7 @@ def site_candidates(name, sms, family="all"):
             sk = max(1, min(per_sm * sms // nb, k // 64))
             for pre in (False, True):
                 out.append(tg.GemvConfig(block_n, rows, sk, 4, prefetch=pre, scalar_rows=True))
-    seen, uniq = set(), []
-    for c in out:
-        if c not in seen:
-            seen.add(c)
-            uniq.append(c)
-    return uniq
+    return list(dict.fromkeys(out))  # in order, each config once
 
 
 def _chain(name, dtype, n_layers, gen):
