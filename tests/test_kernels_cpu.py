@@ -4,6 +4,7 @@ benchmarks/bench_cpu.py and `teal bench`, never here."""
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,6 +179,46 @@ def test_threads_do_not_change_results():
     finally:
         torch.set_num_threads(old)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_every_vector_width_gives_the_same_results(tmp_path, monkeypatch):
+    """The kernel is built for the widest vectors torch finds on this CPU (AVX-512, AVX2,
+    or plain C++); a narrower build, asked for with TEAL_CPU_ISA, must agree on every
+    kernel.  AVX2 and AVX-512 give the same bits (each column sees the same FMAs in the
+    same order, whatever the width); plain C++ rounds each product (no FMA), so it agrees
+    within rounding.  One process loads one build, hence subprocesses."""
+    import os
+    import subprocess
+
+    from helpers_isa import outputs
+
+    here = cpu.isa()
+    widths = cpu.ISAS[: cpu.ISAS.index(here)]
+    if not widths:
+        pytest.skip("the kernel is built without vector instructions here: nothing to compare")
+    want = outputs()
+    helper = Path(__file__).with_name("helpers_isa.py")
+    for width in widths:
+        path = tmp_path / f"{width}.pt"
+        env = {**os.environ, "TEAL_CPU_ISA": width}
+        proc = subprocess.run([sys.executable, str(helper), str(path)], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = torch.load(path)
+        assert got["isa"] == width
+        assert got["outputs"].keys() == want.keys()
+        for name, y in want.items():
+            if width == "generic":
+                _check(
+                    got["outputs"][name], y, torch.bfloat16 if y.dtype != torch.float32 else y.dtype
+                )
+            else:
+                assert torch.equal(got["outputs"][name], y), f"{name}: {width} differs from {here}"
+    monkeypatch.setenv("TEAL_CPU_ISA", "avx1024")
+    with pytest.raises(ValueError, match="TEAL_CPU_ISA"):
+        cpu.isa()
+    monkeypatch.setenv("TEAL_CPU_ISA", "generic")
+    assert cpu.isa() == "generic" and "-mavx2" not in cpu._compile_flags()
 
 
 # ----- the whole model ---------------------------------------------------------------------

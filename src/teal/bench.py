@@ -358,6 +358,8 @@ def bench_decode(
         from teal.kernels import cpu
 
         kernel = cpu.implementation()
+        if kernel == "native":
+            kernel += f"-{cpu.isa()}"  # the vector width it was built for
     return {
         "device": _device_name(device),
         "model": model_name or model.source,

@@ -5,7 +5,8 @@ Two implementations, one contract (``reference.sparse_linear_fused`` and
 
 * ``native``: a small C++ kernel (below, compiled on first use with the system's C++
   compiler into the user's cache, loaded with ctypes; no torch headers, so it builds in
-  about a second).  One call per projection does everything: it scores the input,
+  a few seconds), with AVX-512 or AVX2 loops as torch finds this CPU to have
+  (``isa()``; ``TEAL_CPU_ISA=avx2`` or ``generic`` asks for less).  One call per projection does everything: it scores the input,
   lists the kept channels of each output segment, and accumulates the kept rows in
   fp32, with the output columns split evenly across the threads torch uses (OpenMP, the
   same runtime as torch's, so the two never fight over the cores).  Each thread reads a
@@ -214,14 +215,42 @@ inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 #endif
+#ifdef __AVX512F__
+// Sixteen at a time where the build has AVX-512.  Every column still gets the same
+// operations in the same order, so a 512-bit build gives the 256-bit one's results bit
+// for bit: its loops only take 16 columns a step, and leave the rest to the 8-wide ones.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const b16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const int8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+#endif
 
 // Four rows at a time: acc[j] += v0*r0[j] + v1*r1[j] + v2*r2[j] + v3*r3[j].  Explicit AVX2
-// for fp32, bf16 and int8 codes (an int8 weight's column scale is applied to the finished
-// sums); a plain loop for fp16 and the tail.
+// (and AVX-512) for fp32, bf16 and int8 codes (an int8 weight's column scale is applied
+// to the finished sums); a plain loop for fp16 and the tail.
 template <typename W>
 inline void axpy4(float* acc, int64_t width, const float* v, const W* r0, const W* r1,
                   const W* r2, const W* r3) {
   int64_t j = 0;
+#ifdef __AVX512F__
+  if constexpr (!std::is_same_v<W, f16>) {
+    const __m512 a0 = _mm512_set1_ps(v[0]), a1 = _mm512_set1_ps(v[1]);
+    const __m512 a2 = _mm512_set1_ps(v[2]), a3 = _mm512_set1_ps(v[3]);
+    for (; j + 16 <= width; j += 16) {
+      __m512 s = _mm512_loadu_ps(acc + j);
+      s = _mm512_fmadd_ps(a0, load16(r0 + j), s);
+      s = _mm512_fmadd_ps(a1, load16(r1 + j), s);
+      s = _mm512_fmadd_ps(a2, load16(r2 + j), s);
+      s = _mm512_fmadd_ps(a3, load16(r3 + j), s);
+      _mm512_storeu_ps(acc + j, s);
+    }
+  }
+#endif
 #ifdef __AVX2__
   if constexpr (!std::is_same_v<W, f16>) {
     const __m256 a0 = _mm256_set1_ps(v[0]), a1 = _mm256_set1_ps(v[1]);
@@ -289,12 +318,35 @@ inline void nibbles8(const uint8_t* p, __m256* lo, __m256* hi) {
   *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 #endif
+#ifdef __AVX512F__
+inline void nibbles16(const uint8_t* p, __m512* lo, __m512* hi) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+#endif
 
 // ga[0:2 half] += sum over R rows of v[i] * codes (raw, before scale and offset).  R = 4
 // in the walk, 1..3 for a group's last rows (a group rarely keeps a multiple of four).
 template <int R>
 inline void axpy_q4(float* ga, int64_t half, const float* v, const uint8_t* const* rows) {
   int64_t j = 0;
+#ifdef __AVX512F__
+  {
+    __m512 a[R];
+    for (int i = 0; i < R; ++i) a[i] = _mm512_set1_ps(v[i]);
+    for (; j + 16 <= half; j += 16) {
+      __m512 sl = _mm512_loadu_ps(ga + j), sh = _mm512_loadu_ps(ga + half + j);
+      for (int i = 0; i < R; ++i) {
+        __m512 l, h;
+        nibbles16(rows[i] + j, &l, &h);
+        sl = _mm512_fmadd_ps(a[i], l, sl);
+        sh = _mm512_fmadd_ps(a[i], h, sh);
+      }
+      _mm512_storeu_ps(ga + j, sl); _mm512_storeu_ps(ga + half + j, sh);
+    }
+  }
+#endif
 #ifdef __AVX2__
   __m256 a[R];
   for (int i = 0; i < R; ++i) a[i] = _mm256_set1_ps(v[i]);
@@ -322,6 +374,25 @@ template <typename S>
 inline void flush_q4(float* acc, float* ga, const S* s, const S* m, float vs,
                      int64_t width) {
   int64_t j = 0;
+#ifdef __AVX512F__
+  {
+    const __m512 v = _mm512_set1_ps(vs);
+    for (; j + 16 <= width; j += 16) {
+      __m512 sv, mv;
+      if constexpr (std::is_same_v<S, f16>) {
+        sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j)));
+        mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + j)));
+      } else {
+        sv = _mm512_loadu_ps(s + j);
+        mv = _mm512_loadu_ps(m + j);
+      }
+      __m512 a = _mm512_loadu_ps(acc + j);
+      a = _mm512_fmadd_ps(sv, _mm512_loadu_ps(ga + j), a);
+      _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(mv, v, a));
+      _mm512_storeu_ps(ga + j, _mm512_setzero_ps());
+    }
+  }
+#endif
 #ifdef __AVX2__
   const __m256 v = _mm256_set1_ps(vs);
   for (; j + 8 <= width; j += 8) {
@@ -553,12 +624,20 @@ void gate_up(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* sca
 inline float dot(const float* w, const float* x, int64_t K) {
   int64_t k = 0;
   float s = 0.0f;
-#ifdef __AVX2__
+#ifdef __AVX512F__
+  // One 16-lane accumulator is the 8-wide loop's two side by side: the same sums.
+  __m512 a = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16)
+    a = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a);
+  __m256 a0 = _mm512_castps512_ps256(a), a1 = _mm512_extractf32x8_ps(a, 1);
+#elif defined(__AVX2__)
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (; k + 16 <= K; k += 16) {
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
   }
+#endif
+#ifdef __AVX2__
   alignas(32) float t[8];
   _mm256_store_ps(t, _mm256_add_ps(a0, a1));
   for (int i = 0; i < 8; ++i) s += t[i];
@@ -569,12 +648,20 @@ inline float dot(const float* w, const float* x, int64_t K) {
 inline float dot(const b16* w, const float* x, int64_t K) {
   int64_t k = 0;
   float s = 0.0f;
-#ifdef __AVX2__
+#ifdef __AVX512F__
+  // One 16-lane accumulator is the 8-wide loop's two side by side: the same sums.
+  __m512 a = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16)
+    a = _mm512_fmadd_ps(load16(w + k), _mm512_loadu_ps(x + k), a);
+  __m256 a0 = _mm512_castps512_ps256(a), a1 = _mm512_extractf32x8_ps(a, 1);
+#elif defined(__AVX2__)
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (; k + 16 <= K; k += 16) {
     a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
     a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
   }
+#endif
+#ifdef __AVX2__
   alignas(32) float t[8];
   _mm256_store_ps(t, _mm256_add_ps(a0, a1));
   for (int i = 0; i < 8; ++i) s += t[i];
@@ -865,11 +952,31 @@ def _compile_flags() -> list[str]:
     flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
              "-ffp-contract=off"]  # fmt: skip
     # Vector width from what torch itself found on this CPU, not -march=native: the
-    # library may be cached on a shared disk and loaded on another x86 machine.
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap in ("AVX2", "AVX512") and _is_x86():
+    # library may be cached on a shared disk and loaded on another x86 machine (the
+    # flags are part of its cache key).
+    width = isa()
+    if width in ("avx2", "avx512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
+    if width == "avx512":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     return flags
+
+
+ISAS = ("generic", "avx2", "avx512")
+
+
+def isa() -> str:
+    """The vector instructions the native kernel is built with: ``avx512``, ``avx2`` or
+    ``generic`` (plain C++), as torch found this CPU to support, or narrower when the
+    environment variable ``TEAL_CPU_ISA`` asks for it.  AVX2 and AVX-512 give the same
+    results bit for bit (each output column sees the same FMAs in the same order); plain
+    C++ rounds each product, so it agrees within rounding."""
+    cap = torch.backends.cpu.get_cpu_capability() if _is_x86() else "DEFAULT"
+    found = {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "generic")
+    want = os.environ.get("TEAL_CPU_ISA", found).strip().lower()
+    if want not in ISAS:
+        raise ValueError(f"TEAL_CPU_ISA={want!r} is not one of {', '.join(ISAS)}; unset it")
+    return ISAS[min(ISAS.index(want), ISAS.index(found))]
 
 
 def _is_x86() -> bool:
@@ -1608,4 +1715,4 @@ register_backend("cpu", sparse_project, sparse_gate_up)
 register_quant_backend("cpu", quant_project)
 
 if __name__ == "__main__":  # `python -m teal.kernels.cpu`: build and say which path runs
-    print(implementation(), file=sys.stderr)
+    print(implementation(), isa(), file=sys.stderr)
