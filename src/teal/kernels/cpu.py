@@ -326,139 +326,158 @@ inline void nibbles16(const uint8_t* p, __m512* lo, __m512* hi) {
 }
 #endif
 
-// ga[0:2 half] += sum over R rows of v[i] * codes (raw, before scale and offset).  R = 4
-// in the walk, 1..3 for a group's last rows (a group rarely keeps a multiple of four).
-template <int R>
-inline void axpy_q4(float* ga, int64_t half, const float* v, const uint8_t* const* rows) {
+// Scales and offsets as fp32 lanes (fp16 ones converted exactly).
+#ifdef __AVX512F__
+inline __m512 load16(const f16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// acc += s * sum + m * vs over sixteen columns.
+template <typename S>
+inline void finish16(float* acc, const S* s, const S* m, __m512 sum, __m512 vs) {
+  const __m512 a = _mm512_fmadd_ps(load16(s), sum, _mm512_loadu_ps(acc));
+  _mm512_storeu_ps(acc, _mm512_fmadd_ps(load16(m), vs, a));
+}
+#endif
+#ifdef __AVX2__
+inline __m256 load8(const f16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <typename S>
+inline void finish8(float* acc, const S* s, const S* m, __m256 sum, __m256 vs) {
+  const __m256 a = _mm256_fmadd_ps(load8(s), sum, _mm256_loadu_ps(acc));
+  _mm256_storeu_ps(acc, _mm256_fmadd_ps(load8(m), vs, a));
+}
+#endif
+
+// One pass of a group's walk over R of its kept rows: the group's sums of raw codes,
+// ga[c] += sum over the R rows of v[i] * code[i, c] (low nibbles give columns 0..half,
+// high ones half..2 half).  The group's first pass starts from zero instead of reading
+// ga, and its last applies the group's scale and offset and adds the result to acc
+// (acc += s * sum + m * vs, vs the sum of the group's kept inputs) instead of writing ga
+// back: a group of at most four kept rows never touches ga, and no separate pass over the
+// width applies the scales.
+template <int R, bool FIRST, bool LAST, typename S>
+inline void q4_pass(float* ga, float* acc, const S* s, const S* m, float vs, int64_t half,
+                    const float* v, const uint8_t* const* rows) {
   int64_t j = 0;
 #ifdef __AVX512F__
   {
     __m512 a[R];
     for (int i = 0; i < R; ++i) a[i] = _mm512_set1_ps(v[i]);
+    const __m512 vv = _mm512_set1_ps(vs);
     for (; j + 16 <= half; j += 16) {
-      __m512 sl = _mm512_loadu_ps(ga + j), sh = _mm512_loadu_ps(ga + half + j);
+      __m512 sl = _mm512_setzero_ps(), sh = _mm512_setzero_ps();
+      if constexpr (!FIRST) { sl = _mm512_loadu_ps(ga + j); sh = _mm512_loadu_ps(ga + half + j); }
       for (int i = 0; i < R; ++i) {
         __m512 l, h;
         nibbles16(rows[i] + j, &l, &h);
         sl = _mm512_fmadd_ps(a[i], l, sl);
         sh = _mm512_fmadd_ps(a[i], h, sh);
       }
-      _mm512_storeu_ps(ga + j, sl); _mm512_storeu_ps(ga + half + j, sh);
+      if constexpr (LAST) {
+        finish16(acc + j, s + j, m + j, sl, vv);
+        finish16(acc + half + j, s + half + j, m + half + j, sh, vv);
+      } else {
+        _mm512_storeu_ps(ga + j, sl); _mm512_storeu_ps(ga + half + j, sh);
+      }
     }
   }
 #endif
 #ifdef __AVX2__
-  __m256 a[R];
-  for (int i = 0; i < R; ++i) a[i] = _mm256_set1_ps(v[i]);
-  for (; j + 8 <= half; j += 8) {
-    __m256 sl = _mm256_loadu_ps(ga + j), sh = _mm256_loadu_ps(ga + half + j);
-    for (int i = 0; i < R; ++i) {
-      __m256 l, h;
-      nibbles8(rows[i] + j, &l, &h);
-      sl = _mm256_fmadd_ps(a[i], l, sl);
-      sh = _mm256_fmadd_ps(a[i], h, sh);
+  {
+    __m256 a[R];
+    for (int i = 0; i < R; ++i) a[i] = _mm256_set1_ps(v[i]);
+    const __m256 vv = _mm256_set1_ps(vs);
+    for (; j + 8 <= half; j += 8) {
+      __m256 sl = _mm256_setzero_ps(), sh = _mm256_setzero_ps();
+      if constexpr (!FIRST) { sl = _mm256_loadu_ps(ga + j); sh = _mm256_loadu_ps(ga + half + j); }
+      for (int i = 0; i < R; ++i) {
+        __m256 l, h;
+        nibbles8(rows[i] + j, &l, &h);
+        sl = _mm256_fmadd_ps(a[i], l, sl);
+        sh = _mm256_fmadd_ps(a[i], h, sh);
+      }
+      if constexpr (LAST) {
+        finish8(acc + j, s + j, m + j, sl, vv);
+        finish8(acc + half + j, s + half + j, m + half + j, sh, vv);
+      } else {
+        _mm256_storeu_ps(ga + j, sl); _mm256_storeu_ps(ga + half + j, sh);
+      }
     }
-    _mm256_storeu_ps(ga + j, sl); _mm256_storeu_ps(ga + half + j, sh);
   }
 #endif
-  for (; j < half; ++j)
+  for (; j < half; ++j) {
+    float sl = FIRST ? 0.0f : ga[j], sh = FIRST ? 0.0f : ga[half + j];
     for (int i = 0; i < R; ++i) {
-      ga[j] += v[i] * float(rows[i][j] & 15);
-      ga[half + j] += v[i] * float(rows[i][j] >> 4);
+      sl += v[i] * float(rows[i][j] & 15);
+      sh += v[i] * float(rows[i][j] >> 4);
     }
+    if constexpr (LAST) {
+      acc[j] += load(s + j) * sl + load(m + j) * vs;
+      acc[half + j] += load(s + half + j) * sh + load(m + half + j) * vs;
+    } else {
+      ga[j] = sl;
+      ga[half + j] = sh;
+    }
+  }
 }
 
-// acc[j] += s[j] * ga[j] + m[j] * vs: one group's sums scaled and offset; ga is left
-// zeroed for the next group (one pass instead of two).
+// One group's kept rows idx[r..e) in passes of four (the last of one to four).
 template <typename S>
-inline void flush_q4(float* acc, float* ga, const S* s, const S* m, float vs,
-                     int64_t width) {
-  int64_t j = 0;
-#ifdef __AVX512F__
-  {
-    const __m512 v = _mm512_set1_ps(vs);
-    for (; j + 16 <= width; j += 16) {
-      __m512 sv, mv;
-      if constexpr (std::is_same_v<S, f16>) {
-        sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j)));
-        mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + j)));
-      } else {
-        sv = _mm512_loadu_ps(s + j);
-        mv = _mm512_loadu_ps(m + j);
-      }
-      __m512 a = _mm512_loadu_ps(acc + j);
-      a = _mm512_fmadd_ps(sv, _mm512_loadu_ps(ga + j), a);
-      _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(mv, v, a));
-      _mm512_storeu_ps(ga + j, _mm512_setzero_ps());
+void q4_group(const uint8_t* q, int64_t rb, const S* s, const S* m, int64_t half,
+              const int32_t* idx, const float* val, int64_t r, int64_t e, int64_t n,
+              float* ga, float* acc) {
+  float vs = 0.0f;
+  for (int64_t i = r; i < e; ++i) vs += val[i];
+  const int64_t head = std::min(half, PREFETCH_LINES * 64);
+  for (int64_t i = r; i < e; i += 4) {
+    const int64_t R = std::min<int64_t>(4, e - i);
+    for (int64_t k = i + AHEAD; k < std::min(i + AHEAD + R, n); ++k) {
+      const uint8_t* pre = q + int64_t(idx[k]) * rb;
+      for (int64_t j = 0; j < head; j += 64) __builtin_prefetch(pre + j, 0, 3);
     }
-  }
-#endif
-#ifdef __AVX2__
-  const __m256 v = _mm256_set1_ps(vs);
-  for (; j + 8 <= width; j += 8) {
-    __m256 sv, mv;
-    if constexpr (std::is_same_v<S, f16>) {
-      sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j)));
-      mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + j)));
-    } else {
-      sv = _mm256_loadu_ps(s + j);
-      mv = _mm256_loadu_ps(m + j);
+    const uint8_t* rows[4] = {};
+    for (int64_t k = 0; k < R; ++k) rows[k] = q + int64_t(idx[i + k]) * rb;
+    const bool first = i == r, last = i + R == e;
+    const float* v = val + i;
+#define TEAL_Q4_PASS(RR)                                                        \
+  if (first && last) q4_pass<RR, true, true>(ga, acc, s, m, vs, half, v, rows); \
+  else if (first) q4_pass<RR, true, false>(ga, acc, s, m, vs, half, v, rows);   \
+  else if (last) q4_pass<RR, false, true>(ga, acc, s, m, vs, half, v, rows);    \
+  else q4_pass<RR, false, false>(ga, acc, s, m, vs, half, v, rows);
+    switch (R) {
+      case 4: TEAL_Q4_PASS(4) break;
+      case 3: TEAL_Q4_PASS(3) break;
+      case 2: TEAL_Q4_PASS(2) break;
+      default: TEAL_Q4_PASS(1) break;
     }
-    __m256 a = _mm256_loadu_ps(acc + j);
-    a = _mm256_fmadd_ps(sv, _mm256_loadu_ps(ga + j), a);
-    _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(mv, v, a));
-    _mm256_storeu_ps(ga + j, _mm256_setzero_ps());
-  }
-#endif
-  for (; j < width; ++j) {
-    acc[j] += load(s + j) * ga[j] + load(m + j) * vs;
-    ga[j] = 0.0f;
+#undef TEAL_Q4_PASS
   }
 }
 
 // The int4 form of gather_rows: the kept rows (ascending channels) group by group, raw
-// codes summed per group, then the group's scale and offset applied once per column.
+// codes summed per group, the group's scale and offset applied once per column at its
+// last pass.
 inline void gather_rows(const Q4* w, int64_t n_cols, int64_t c0, int64_t width,
                         const int32_t* idx, const float* val, int64_t n, float* acc) {
   static thread_local std::vector<float> gbuf;
   if (int64_t(gbuf.size()) < width) gbuf.resize(size_t(width));
   float* ga = gbuf.data();
-  for (int64_t j = 0; j < width; ++j) { acc[j] = 0.0f; ga[j] = 0.0f; }
+  for (int64_t j = 0; j < width; ++j) acc[j] = 0.0f;
   const int64_t rb = n_cols / 2, half = width / 2, G = w->G;
   const uint8_t* q = w->q + c0 / 2;
-  const int64_t head = std::min(half, PREFETCH_LINES * 64);
   int64_t r = 0;
   while (r < n) {
     const int64_t g = idx[r] / G;
     int64_t e = r + 1;
     while (e < n && idx[e] / G == g) ++e;
-    float vs = 0.0f;
-    int64_t i = r;
-    for (; i + 4 <= e; i += 4) {
-      if (i + AHEAD + 4 <= n) {
-        for (int k = 0; k < 4; ++k) {
-          const uint8_t* pre = q + int64_t(idx[i + AHEAD + k]) * rb;
-          for (int64_t j = 0; j < head; j += 64) __builtin_prefetch(pre + j, 0, 3);
-        }
-      }
-      const uint8_t* rows[4] = {q + int64_t(idx[i]) * rb, q + int64_t(idx[i + 1]) * rb,
-                                q + int64_t(idx[i + 2]) * rb, q + int64_t(idx[i + 3]) * rb};
-      axpy_q4<4>(ga, half, val + i, rows);
-    }
-    const uint8_t* rows[3] = {};
-    for (int64_t k = i; k < e; ++k) rows[k - i] = q + int64_t(idx[k]) * rb;
-    switch (e - i) {
-      case 3: axpy_q4<3>(ga, half, val + i, rows); break;
-      case 2: axpy_q4<2>(ga, half, val + i, rows); break;
-      case 1: axpy_q4<1>(ga, half, val + i, rows); break;
-      default: break;
-    }
-    for (i = r; i < e; ++i) vs += val[i];
     const int64_t so = g * n_cols + c0;
     if (w->sfmt == 2)
-      flush_q4(acc, ga, (const f16*)w->s + so, (const f16*)w->m + so, vs, width);
+      q4_group((const uint8_t*)q, rb, (const f16*)w->s + so, (const f16*)w->m + so, half, idx,
+               val, r, e, n, ga, acc);
     else
-      flush_q4(acc, ga, (const float*)w->s + so, (const float*)w->m + so, vs, width);
+      q4_group((const uint8_t*)q, rb, (const float*)w->s + so, (const float*)w->m + so, half,
+               idx, val, r, e, n, ga, acc);
     r = e;
   }
 }
