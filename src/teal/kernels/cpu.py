@@ -204,8 +204,12 @@ constexpr int64_t PREFETCH_LINES = 8;
 constexpr int AHEAD = 16;       // rows prefetched ahead of the one being added
 
 #ifdef __AVX2__
-// Eight weights as fp32 lanes: fp32 as is, bf16 by a 16-bit shift, int8 codes widened.
+// Eight weights as fp32 lanes: fp32 as is, bf16 by a 16-bit shift, fp16 converted (F16C;
+// exact, as the software load), int8 codes widened.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const f16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline __m256 load8(const b16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -220,6 +224,9 @@ inline __m256 load8(const int8_t* p) {
 // operations in the same order, so a 512-bit build gives the 256-bit one's results bit
 // for bit: its loops only take 16 columns a step, and leave the rest to the 8-wide ones.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const f16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 inline __m512 load16(const b16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -231,14 +238,14 @@ inline __m512 load16(const int8_t* p) {
 #endif
 
 // Four rows at a time: acc[j] += v0*r0[j] + v1*r1[j] + v2*r2[j] + v3*r3[j].  Explicit AVX2
-// (and AVX-512) for fp32, bf16 and int8 codes (an int8 weight's column scale is applied
-// to the finished sums); a plain loop for fp16 and the tail.
+// (and AVX-512) for fp32, bf16, fp16 and int8 codes (an int8 weight's column scale is
+// applied to the finished sums); a plain loop for the tail.
 template <typename W>
 inline void axpy4(float* acc, int64_t width, const float* v, const W* r0, const W* r1,
                   const W* r2, const W* r3) {
   int64_t j = 0;
 #ifdef __AVX512F__
-  if constexpr (!std::is_same_v<W, f16>) {
+  {
     const __m512 a0 = _mm512_set1_ps(v[0]), a1 = _mm512_set1_ps(v[1]);
     const __m512 a2 = _mm512_set1_ps(v[2]), a3 = _mm512_set1_ps(v[3]);
     for (; j + 16 <= width; j += 16) {
@@ -252,7 +259,7 @@ inline void axpy4(float* acc, int64_t width, const float* v, const W* r0, const 
   }
 #endif
 #ifdef __AVX2__
-  if constexpr (!std::is_same_v<W, f16>) {
+  {
     const __m256 a0 = _mm256_set1_ps(v[0]), a1 = _mm256_set1_ps(v[1]);
     const __m256 a2 = _mm256_set1_ps(v[2]), a3 = _mm256_set1_ps(v[3]);
     for (; j + 8 <= width; j += 8) {
@@ -326,11 +333,7 @@ inline void nibbles16(const uint8_t* p, __m512* lo, __m512* hi) {
 }
 #endif
 
-// Scales and offsets as fp32 lanes (fp16 ones converted exactly).
 #ifdef __AVX512F__
-inline __m512 load16(const f16* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 // acc += s * sum + m * vs over sixteen columns.
 template <typename S>
 inline void finish16(float* acc, const S* s, const S* m, __m512 sum, __m512 vs) {
@@ -339,9 +342,6 @@ inline void finish16(float* acc, const S* s, const S* m, __m512 sum, __m512 vs) 
 }
 #endif
 #ifdef __AVX2__
-inline __m256 load8(const f16* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 template <typename S>
 inline void finish8(float* acc, const S* s, const S* m, __m256 sum, __m256 vs) {
   const __m256 a = _mm256_fmadd_ps(load8(s), sum, _mm256_loadu_ps(acc));
@@ -640,38 +640,14 @@ void gate_up(const T* x, int64_t B, int64_t xs_b, int64_t xs_k, const float* sca
 
 // y[b, v] = sum_k w[v, k] x[b, k] for a row-major w [V, K] (torch.nn.functional.linear's
 // layout, e.g. a tied lm_head): each thread streams a contiguous block of rows.
-inline float dot(const float* w, const float* x, int64_t K) {
+template <typename W>
+inline float dot(const W* w, const float* x, int64_t K) {
   int64_t k = 0;
   float s = 0.0f;
 #ifdef __AVX512F__
   // One 16-lane accumulator is the 8-wide loop's two side by side: the same sums.
   __m512 a = _mm512_setzero_ps();
-  for (; k + 16 <= K; k += 16)
-    a = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a);
-  __m256 a0 = _mm512_castps512_ps256(a), a1 = _mm512_extractf32x8_ps(a, 1);
-#elif defined(__AVX2__)
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (; k + 16 <= K; k += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-  }
-#endif
-#ifdef __AVX2__
-  alignas(32) float t[8];
-  _mm256_store_ps(t, _mm256_add_ps(a0, a1));
-  for (int i = 0; i < 8; ++i) s += t[i];
-#endif
-  for (; k < K; ++k) s += w[k] * x[k];
-  return s;
-}
-inline float dot(const b16* w, const float* x, int64_t K) {
-  int64_t k = 0;
-  float s = 0.0f;
-#ifdef __AVX512F__
-  // One 16-lane accumulator is the 8-wide loop's two side by side: the same sums.
-  __m512 a = _mm512_setzero_ps();
-  for (; k + 16 <= K; k += 16)
-    a = _mm512_fmadd_ps(load16(w + k), _mm512_loadu_ps(x + k), a);
+  for (; k + 16 <= K; k += 16) a = _mm512_fmadd_ps(load16(w + k), _mm512_loadu_ps(x + k), a);
   __m256 a0 = _mm512_castps512_ps256(a), a1 = _mm512_extractf32x8_ps(a, 1);
 #elif defined(__AVX2__)
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -686,11 +662,6 @@ inline float dot(const b16* w, const float* x, int64_t K) {
   for (int i = 0; i < 8; ++i) s += t[i];
 #endif
   for (; k < K; ++k) s += load(w + k) * x[k];
-  return s;
-}
-inline float dot(const f16* w, const float* x, int64_t K) {
-  float s = 0.0f;
-  for (int64_t k = 0; k < K; ++k) s += load(w + k) * x[k];
   return s;
 }
 
