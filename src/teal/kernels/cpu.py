@@ -6,8 +6,9 @@ Two implementations, one contract (``reference.sparse_linear_fused`` and
 * ``native``: a small C++ kernel (below, compiled on first use with the system's C++
   compiler into the user's cache, loaded with ctypes; no torch headers, so it builds in
   a few seconds), with AVX-512 or AVX2 loops as torch finds this CPU to have
-  (``isa()``; ``TEAL_CPU_ISA=avx2`` or ``generic`` asks for less).  One call per projection does everything: it scores the input,
-  lists the kept channels of each output segment, and accumulates the kept rows in
+  (``isa()``; ``TEAL_CPU_ISA=avx2`` or ``generic`` asks for less).  One call per
+  projection does everything: it scores the input, lists the kept channels of each
+  output segment, and accumulates the kept rows in
   fp32, with the output columns split evenly across the threads torch uses (OpenMP, the
   same runtime as torch's, so the two never fight over the cores).  Each thread reads a
   contiguous stretch of every kept row and prefetches rows ahead, which is what a
