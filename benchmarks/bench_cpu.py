@@ -155,7 +155,8 @@ def main() -> None:
         default=None,
         help="our rows on quantized weights (thresholds from the unquantized model): int8"
         " (projections and lm_head; llama.cpp adds a Q8_0 file), int4 (--group-size,"
-        " --zero-point), gguf (the file's own Q4_1 blocks, the head stays float)",
+        " --zero-point), gguf (the file's own Q4_1 blocks; its head, tied to a Q8_0"
+        " embedding, int8 per output channel)",
     )
     ap.add_argument("--group-size", type=int, default=32, help="int4 group (default 32)")
     ap.add_argument(
