@@ -64,7 +64,6 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 #include <omp.h>
-#include <type_traits>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -487,11 +486,11 @@ inline void gather_rows(const Q4* w, int64_t n_cols, int64_t c0, int64_t width,
     while (e < n && idx[e] / G == g) ++e;
     const int64_t so = g * n_cols + c0;
     if (w->sfmt == 2)
-      q4_group((const uint8_t*)q, rb, (const f16*)w->s + so, (const f16*)w->m + so, half, idx,
-               val, r, e, n, ga, acc);
+      q4_group(q, rb, (const f16*)w->s + so, (const f16*)w->m + so, half, idx, val, r, e, n,
+               ga, acc);
     else
-      q4_group((const uint8_t*)q, rb, (const float*)w->s + so, (const float*)w->m + so, half,
-               idx, val, r, e, n, ga, acc);
+      q4_group(q, rb, (const float*)w->s + so, (const float*)w->m + so, half, idx, val, r, e,
+               n, ga, acc);
     r = e;
   }
 }
