@@ -1,4 +1,5 @@
-"""Per-call time of the native CPU projection kernels at the default model's shapes.
+"""Per-call time of the native CPU projection kernels at the default model's shapes
+(gate|up with its SiLU-multiply epilogue, as in decoding).
 
 A tool for A/B runs of kernel changes on the CPU, where whole-model decode speed moves by
 more than a kernel change between minutes of a shared machine: run it alternately on the
@@ -49,6 +50,16 @@ def _weight(fmt: str, w: torch.Tensor, splits: tuple[int, ...]):
     return quantize_int4(w, int(parts[1][1:]), splits, zero_point=parts[2], scale_dtype=sdt)
 
 
+def _call(site: str, fmt: str, x, wt, t, splits):  # noqa: ANN001, ANN202
+    """The kernel the model runs at ``site``: gate|up with its SiLU-multiply epilogue."""
+    if site == "gate_up":
+        if fmt in FLOATS:
+            return functools.partial(cpu.sparse_gate_up, x, wt, t, "silu")
+        return functools.partial(cpu.quant_project, x, wt, t, splits, None, "silu")
+    kernel = cpu.sparse_project if fmt in FLOATS else cpu.quant_project
+    return functools.partial(kernel, x, wt, t, splits)
+
+
 def _time(fns: list, calls: int, rounds: int) -> float:
     """Best of ``rounds`` rounds of ``calls`` calls, cycling over ``fns``: us per call."""
     for fn in fns:
@@ -85,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             x = x32.to(FLOATS.get(fmt, torch.bfloat16))
             for p in (float(s) for s in args.sparsity.split(",")):
                 t = torch.full((len(splits),), float(x32.abs().quantile(p)) if p > 0 else -1.0)
-                kernel = cpu.sparse_project if fmt in FLOATS else cpu.quant_project
-                fns = [functools.partial(kernel, x, wt, t, splits) for wt in wts]
+                fns = [_call(site, fmt, x, wt, t, splits) for wt in wts]
                 us = _time(fns, args.calls, args.rounds)
                 rows.append({"site": site, "shape": [k, sum(splits)], "format": fmt,
                              "sparsity": p, "time_us": round(us, 2)})  # fmt: skip
