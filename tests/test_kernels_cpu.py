@@ -215,8 +215,11 @@ def test_every_vector_width_gives_the_same_results(tmp_path, monkeypatch):
             else:
                 assert torch.equal(got["outputs"][name], y), f"{name}: {width} differs from {here}"
     monkeypatch.setenv("TEAL_CPU_ISA", "avx1024")
-    with pytest.raises(ValueError, match="TEAL_CPU_ISA"):
+    with pytest.raises(ValueError, match="TEAL_CPU_ISA") as bad:
         cpu.isa()
+    from teal.errors import TealError
+
+    assert isinstance(bad.value, TealError)  # the CLI prints it on one line, exit 2
     monkeypatch.setenv("TEAL_CPU_ISA", "generic")
     assert cpu.isa() == "generic" and "-mavx2" not in cpu._compile_flags()
 

@@ -27,3 +27,7 @@ class ContextLengthError(TealError):
 
 class NetworkError(TealError):
     """Something had to be downloaded and the network could not provide it."""
+
+
+class SettingError(TealError, ValueError):
+    """An environment variable or setting with a value it does not accept."""

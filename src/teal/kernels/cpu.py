@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from teal.errors import SettingError
 from teal.kernels import reference
 from teal.kernels.dispatch import register_backend, register_quant_backend
 from teal.model.quant import QuantWeight
@@ -978,7 +979,7 @@ def isa() -> str:
     found = {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "generic")
     want = os.environ.get("TEAL_CPU_ISA", found).strip().lower()
     if want not in ISAS:
-        raise ValueError(f"TEAL_CPU_ISA={want!r} is not one of {', '.join(ISAS)}; unset it")
+        raise SettingError(f"TEAL_CPU_ISA={want!r} is not one of {', '.join(ISAS)}; unset it")
     return ISAS[min(ISAS.index(want), ISAS.index(found))]
 
 
