@@ -241,7 +241,7 @@ def _norm_inputs(b, k, dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b", [1, 3])
 @pytest.mark.parametrize(
-    "cfg", [None, *CONFIGS[:4], CONFIGS[-2]], ids=lambda c: _cfg_id(c) if c else "default"
+    "cfg", [None, *CONFIGS[:4], *CONFIGS[-2:]], ids=lambda c: _cfg_id(c) if c else "default"
 )
 def test_norm_and_residual_fused(dtype, b, cfg):
     """The RMSNorm in front (every program normalises x itself) and the residual add in
