@@ -9,7 +9,8 @@ independently?
 ``--quant`` entries: none, int8, int4 (zero-point codes; ``--sym``: symmetric),
 int4-offset (float offsets), gguf (the GGUF file's own Q4_0 / Q4_1 weights repacked);
 ``-gptq`` after int8 / int4 rounds with error feedback (``teal.model.gptq``, statistics
-from ``--gptq-tokens`` of the calibration part).
+from ``--gptq-tokens`` of the calibration part); ``-gptqs``: the same with statistics that
+also see the inputs as sparsified at the ``--gptq-sparsity`` levels (uniform thresholds).
 Thresholds (and the greedy method tables) come from the unquantized model's calibration
 on the calibration part of the text (the same file `teal eval` uses); the quantized
 models reuse them.  Perplexity runs on the reference path (dequantize, then matmul), on
@@ -50,6 +51,11 @@ def main() -> int:
         action="store_true",
         help="GPTQ statistics without the per-token normalisation (collect_hessians)",
     )
+    ap.add_argument(
+        "--gptq-sparsity",
+        default="0.25,0.4,0.5",
+        help="levels whose sparsified inputs the -gptqs statistics also see",
+    )
     ap.add_argument("--sym", action="store_true", help="int4 without zero points")
     ap.add_argument("--method", default="uniform,greedy-layers")
     ap.add_argument("--sparsity", default="0,0.25,0.4,0.5")
@@ -74,31 +80,41 @@ def main() -> int:
     window = resolve_window(base, None)
     rows = []
     t0 = time.time()
-    hessians = None
-    if any(q.endswith("-gptq") for q in quants):
+    hessians = {}
+    for kind in dict.fromkeys(q.rpartition("-")[2] for q in quants):
+        if kind not in ("gptq", "gptqs"):
+            continue
         from teal.model.gptq import collect_hessians
 
         t1 = time.time()
         cal_tokens = parts["calibration"].tokens(base.tokenizer, args.gptq_tokens)
-        hessians = collect_hessians(
-            base, cal_tokens, bos=bos_token(base.tokenizer), per_token=not args.gptq_plain
+        levels = [float(p) for p in args.gptq_sparsity.split(",")] if kind == "gptqs" else []
+        hessians[kind] = collect_hessians(
+            base,
+            cal_tokens,
+            bos=bos_token(base.tokenizer),
+            per_token=not args.gptq_plain,
+            thresholds=[cal.thresholds(p) for p in levels],
         )
-        print(f"GPTQ statistics: {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
+        print(f"GPTQ statistics ({kind}): {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
     for q in quants:
         model = base
         if q != "none":
             model = copy.deepcopy(base)
-            spec, gptq = q.removesuffix("-gptq"), q.endswith("-gptq")
+            kind = q.rpartition("-")[2]
+            spec = q.removesuffix("-" + kind) if kind in hessians else q
             fmt, _, zero = spec.partition("-")
             t1 = time.time()
             model.quantize(
                 fmt,
                 group_size=args.group_size,
                 zero_point=zero or not args.sym,
-                hessians=hessians if gptq else None,
+                hessians=hessians.get(kind),
             )
             print(f"quantized {q}: {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
         label = "none" if q == "none" else model.quant.label()
+        if q.endswith("-gptqs"):
+            label += f"-sparse-stats@{args.gptq_sparsity}"
         print(f"== {label}", file=sys.stderr, flush=True)
         results, _ = evaluate_methods(
             model,

@@ -102,3 +102,42 @@ def test_quantized_model_with_gptq():
     assert float((out - dense).norm() / dense.norm()) < 0.2
     with pytest.raises(ValueError, match="no GPTQ statistics"):
         random_model(CFG, dtype=torch.float32, seed=1).quantize("int8", hessians={})
+
+
+def test_statistics_of_sparsified_inputs():
+    """``thresholds``: H is the mean of the dense second moment and that of each
+    (level, projection)'s sparsified input, masked as the model masks."""
+    from teal.kernels.reference import sparsify
+    from teal.model.decoder import SITE_PROJECTIONS
+    from teal.sparsity.stats import dense_pass, windows
+
+    model = random_model(CFG, dtype=torch.float32, seed=1)
+    ids = torch.randint(0, CFG.vocab_size, (128,), generator=_gen(7))
+    dense = collect_hessians(model, ids, seq_len=64)
+    n = CFG.n_layers
+    keep_all = torch.full((n, 7), -1.0)
+    assert all(
+        torch.allclose(a, dense[k], atol=1e-6)
+        for k, a in collect_hessians(model, ids, seq_len=64, thresholds=[keep_all]).items()
+    )
+    drop_all = torch.full((n, 7), float("inf"))
+    h = collect_hessians(model, ids, seq_len=64, thresholds=[drop_all])
+    for (layer, site), a in h.items():
+        assert torch.allclose(a * (1 + len(SITE_PROJECTIONS[site])), dense[(layer, site)])
+    # A real table, against the statistics computed here from the observed inputs.
+    table = torch.rand(n, 7, generator=_gen(8))
+    got = collect_hessians(model, ids, seq_len=64, per_token=False, thresholds=[table, table / 2])
+    want, count = {}, [0]
+
+    def observe(layer, site, x, pos_mask):
+        x = x.reshape(-1, x.shape[-1])
+        views = [x] + [sparsify(x, t[layer, j]) for t in (table, table / 2)
+                       for j in SITE_PROJECTIONS[site]]  # fmt: skip
+        m = sum(v.t() @ v for v in views) / len(views)
+        want[(layer, site)] = want.get((layer, site), 0) + m
+        count[0] += x.shape[0] if (layer, site) == (n - 1, "mlp_mid") else 0
+
+    dense_pass(model, list(windows(ids, 64, None)), observe, (n - 1, "mlp_mid"))
+    for k, a in got.items():
+        assert not torch.allclose(a, dense[k])
+        torch.testing.assert_close(a, want[k] / count[0], rtol=1e-4, atol=1e-5)
