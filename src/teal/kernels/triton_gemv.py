@@ -945,13 +945,14 @@ class GemvConfig:
 
 
 # Batch 1, the launches decoding makes (qkv, o, gate|up with its activation, down).
-# Llama-3-8B's four: winners of the in-graph search on one H100 (benchmarks/bench_kernels.py
-# --site-tune --site-family scalar, 2026-12-07, benchmarks/results/kernels-site-tune-scalar-
-# h100-2026-12-07.json): least summed time at sparsity 0, .25, .4, .5, .65 with 32 launches
-# over distinct weights in one CUDA graph; the walk over kept rows as scalars with the next
-# step's channels loaded ahead won every site (3.5 % less per layer at 50 % than the
-# entries before it, the H200 search of 2026-12-01). Llama-2-7B's three: the H200 search of
-# 2026-12-01 (kernels-site-tune-h200-2026-12-01-s2.json, gate|up from
+# Llama-3-8B's four: winners of the in-graph search on one H100, 2026-12-07
+# (benchmarks/bench_kernels.py --site-tune --site-family scalar;
+# benchmarks/results/kernels-site-tune-scalar-h100-2026-12-07.json): least summed time at
+# sparsity 0, .25, .4, .5, .65 with 32 launches over distinct weights in one CUDA graph;
+# the walk over kept rows as scalars with the next step's channels loaded ahead won every
+# site (3.5 % less per layer at 50 % than the entries before it, the H200 search of
+# 2026-12-01). Llama-2-7B's three: the H200 search of 2026-12-01
+# (kernels-site-tune-h200-2026-12-01-s2.json, gate|up from
 # kernels-site-tune-pair-h200-2026-12-01-s2.json). Other entries: the H100 search
 # (benchmarks/bench_kernels.py --tune, 2026-11-23), a starting point elsewhere; run tune()
 # or --site-tune for another GPU.
@@ -1027,10 +1028,11 @@ def _heuristic(k: int, n: int, pair: bool, b: int, device: torch.device) -> Gemv
 # of each kept row).  Winners of the small search in benchmarks/bench_quant.py (least time
 # at p = 0 plus p = 0.5; Llama-3-8B shapes).  int8: one H100, 2026-12-07, among the entries
 # before it (an H200 search of 2026-12-01) and the walk over kept rows as scalars, which
-# won q|k|v, gate|up and lm_head (benchmarks/results/quant-configs-int8-rows-h100-
-# 2026-12-07.json; decode 195.0 -> 216.5 tok/s dense, 260.6 -> 297.6 at 50 %).  int4 g128:
-# the same search on one H100, 2026-12-07, once the walk with rows as scalars existed
-# (scalar_rows); it won every shape (quant-configs-int4-rows-h100-2026-12-07.json).
+# won q|k|v, gate|up and lm_head
+# (benchmarks/results/quant-configs-int8-rows-h100-2026-12-07.json; decode 195.0 -> 216.5
+# tok/s dense, 260.6 -> 297.6 at 50 %).  int4 g128: the same search on one H100,
+# 2026-12-07, once the walk with rows as scalars existed (scalar_rows); it won every shape
+# (quant-configs-int4-rows-h100-2026-12-07.json).
 _QTABLE: dict[tuple[int, int, bool, int, str], GemvConfig] = {
     (4096, 6144, False, 1, "int8"): GemvConfig(512, 16, 44, 4, prefetch=True, scalar_rows=True),
     (4096, 4096, False, 1, "int8"): GemvConfig(512, 16, 33, 4, 1, False, True),

@@ -87,16 +87,17 @@ def collect_hessians(
         ]
         key = (layer, site)
         for v in views:
-            w = 1.0 / len(views)
             if key in sums:
-                sums[key].addmm_(v.t(), v, alpha=w)
+                sums[key].addmm_(v.t(), v)
             else:
-                sums[key] = (v.t() @ v) * w
+                sums[key] = v.t() @ v
         if key == last:
             count[0] += x2.shape[0]
 
     dense_pass(model, rows, observe, last)
-    return {k: v / count[0] for k, v in sums.items()}
+    # Each position added one view of the dense input and one per (level, projection).
+    views = {site: 1 + len(thresholds) * len(SITE_PROJECTIONS[site]) for site in SITES}
+    return {(i, site): v / (count[0] * views[site]) for (i, site), v in sums.items()}
 
 
 def _inverse_factor(h: Tensor, k: int) -> Tensor:
