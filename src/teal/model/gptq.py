@@ -60,7 +60,7 @@ def collect_hessians(
     input as each projection of the site sees it, ``x * (|x| > t)``, and ``H`` is the
     mean over the dense input and every (level, projection): the rounding is then fitted
     to the inputs that survive sparsification, not only to the dense ones.  Measured on
-    the default model at int4 g128 (README, 2026-12-07) it is worse than the dense
+    the default model at int4 g128 (docs/RESULTS.md, 2026-12-07) it is worse than the dense
     statistics alone, dense and sparse, so ``--gptq`` does not pass any."""
     from teal.kernels.reference import keep_mask
     from teal.model.decoder import SITE_PROJECTIONS, SITES

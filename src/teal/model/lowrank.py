@@ -15,7 +15,7 @@ projection weights on the default model, 0.24 % on Llama-3-8B).  Those bytes are
 counted: the methods raise every level by that share, so that the bytes skipped are the
 sparsity asked for, and the measured sparsity subtracts it (``overhead_share``).
 
-Measured on the default model (README, 2026-12-07): with ``r = 16`` uniform thresholds
+Measured on the default model (docs/RESULTS.md, 2026-12-07): with ``r = 16`` uniform thresholds
 lose far less (50 %: 23.2 -> 21.5 decode-like, 24.7 -> 21.3 full; 65 %: 203 -> 88 and
 298 -> 99), but ``auto``, whose greedy allocation already spares gate|up, gains only at
 50 % full and 65 % and loses a little below.  And the split runs as separate ops (no

@@ -8,7 +8,7 @@ changes: it is then expressed in the axes ``Q_g``.  With ``Q_g`` the principal a
 the attention outputs of ``g``'s query heads on calibration text (eigenvectors of their
 second moment), their energy gathers in a few channels of each head, and dropping the
 smallest inputs by magnitude loses much less of o_proj's output (on the default model 3-4
-times less at 25-65 %; perplexity: README, ``benchmarks/exp_head_rotation.py``).
+times less at 25-65 %; perplexity: docs/RESULTS.md, ``benchmarks/exp_head_rotation.py``).
 
 The rotation belongs to a calibration (its attn-out statistics are in that basis):
 ``teal.sparsity.calibrate`` fits it and stores it with the statistics, and a model is put

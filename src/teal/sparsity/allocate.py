@@ -54,14 +54,14 @@ SENSITIVITY_LEVEL = 0.5  # the block sparsity at which layer sensitivities are m
 # block output's squared norm on the default model), every later position attends to
 # it, and a dense prefill always computes it.  Sparsifying it in the search made the
 # search protect k and v for its sake (mean levels 12 % and 1 % at 25 %) and cost
-# perplexity at every level in both protocols (README, 2026-12-01 third session).
+# perplexity at every level in both protocols (docs/RESULTS.md, 2026-12-01 third session).
 DENSE_FIRST = True
 # How a token's output error counts in the search.  "absolute": squared error summed
 # over tokens, so tokens whose residual stream is large dominate.  "per-token": each
 # token's squared error divided by its dense block output's squared norm; the next
 # block reads RMSNorm(h + e), which moves by about e / rms(h), so this is the error in
 # the units the rest of the model sees.  Per-token measured better than absolute on the
-# default model in 7 of 8 (protocol, level) cells of greedy-layers (README, 2026-12-04).
+# default model in 7 of 8 (protocol, level) cells of greedy-layers (docs/RESULTS.md, 2026-12-04).
 ERROR_WEIGHTING = "per-token"
 # Which block inputs the search sees.  "dense": those of the dense model.  "sparse":
 # those a sparse model feeds it (every earlier layer at the first search's allocation

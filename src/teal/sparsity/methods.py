@@ -58,7 +58,7 @@ SEQ_BASES = ("uniform", "greedy-layers")
 # greedy-layers includes it (equal rows in every layer), each extra candidate is one
 # more chance to beat uniform on held-out noise alone, and each costs a share of the
 # selection's passes.  ``greedy-layers-seq`` is one: its thresholds calibrated under
-# sparsity help most at high sparsity and not below about 40 % (README).
+# sparsity help most at high sparsity and not below about 40 % (docs/RESULTS.md).
 SELECT_CANDIDATES = ("uniform", "greedy-layers", "greedy-layers-seq")
 # The method the commands use unless told otherwise.  ``auto`` rather than plain
 # greedy-layers: greedy-layers is better on most levels, but not at every level in
