@@ -149,7 +149,11 @@ def candidates(fmt, k, n, pair, family="all"):
             out.append(tg.GemvConfig(block_n, 16, split, warps, 1, False, False, rs, True))
         # Kept rows as scalars (as int4's table; 2026-12-07, not yet timed for int8), with
         # and without the next step's channels loaded ahead.
-        for block_n, rows, waves in ((512, 16, 4), (1024, 16, 4), (1024, 8, 4), (2048, 8, 2)):
+        # 2026-12-08: 512 columns with 32 rows a step (twice the bytes in flight a thread)
+        # or two waves (longer chunks of K, fewer split-K partials) added.
+        int8_walks = ((512, 16, 4), (512, 32, 4), (512, 16, 2), (512, 32, 2), (1024, 16, 4),
+                      (1024, 8, 4), (2048, 8, 2))  # fmt: skip
+        for block_n, rows, waves in int8_walks:
             if block_n > max(32, 2 * n_eff):
                 continue
             split = split_for(block_n, waves, 64)
@@ -301,8 +305,10 @@ def main():
     ap.add_argument(
         "--phases",
         default="check,tune,kernels,decode",
-        help="run in this order; decode may appear twice (before and after tune: an A/B)",
+        help="run in this order (check, tune, pin, kernels, decode); decode may appear twice "
+        "(before and after tune or pin: an A/B)",
     )
+    ap.add_argument("--pin", default=None, help="configs JSON for the pin phase")
     ap.add_argument("--tune-formats", default="int8,int4")
     ap.add_argument("--tune-family", default="all", choices=("all", "scalar"))
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -339,6 +345,18 @@ def main():
             formats = tuple(args.tune_formats.split(","))
             winners = tune(args.group_size, formats, args.tune_family)
             save("configs", {**head, "configs": winners, "candidate_checks": CHECKS})
+        elif phase == "pin":
+            # Configs from a file ({"configs": {"int8:qkv": {"K", "N", "pair", fields...}}},
+            # what the tune phase saves), so that decode,pin,decode is an A/B in one process.
+            with open(args.pin) as f:
+                pinned = json.load(f)["configs"]
+            for key, c in pinned.items():
+                fields = {f: c[f] for f in tg.GemvConfig.__dataclass_fields__}
+                tg.set_config(
+                    c["K"], c["N"], key.split(":")[0], tg.GemvConfig(**fields), 1, c["pair"]
+                )
+            winners = pinned
+            log(f"pinned {len(pinned)} configs from {args.pin}")
         elif phase == "kernels":
             rows = bench_kernels(args.group_size)
             obj = {**head, "configs": winners, "candidate_checks": CHECKS, "results": rows}

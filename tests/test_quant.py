@@ -188,7 +188,10 @@ def test_int4_walk_configs_match_reference(k, cfg, zero):
 
 
 @pytest.mark.parametrize("p", [None, 0.5, 1.0])
-@pytest.mark.parametrize("cfg", [(32, 8, 3, 2), (64, 16, 1, 4), (32, 8, 3, 2, 1, False, True)])
+@pytest.mark.parametrize(
+    "cfg",
+    [(32, 8, 3, 2), (64, 16, 1, 4), (32, 8, 3, 2, 1, False, True), (32, 32, 3, 2, 1, False, True)],
+)
 def test_int8_scalar_rows_match_reference(p, cfg):
     """int8 through the fp16 kernel's scalar-row walk: odd K, fused segments."""
     tq = _tq()
