@@ -147,10 +147,10 @@ def candidates(fmt, k, n, pair, family="all"):
                 continue
             split = split_for(block_n, waves, 64)
             out.append(tg.GemvConfig(block_n, 16, split, warps, 1, False, False, rs, True))
-        # Kept rows as scalars (as int4's table; 2026-12-07, not yet timed for int8), with
-        # and without the next step's channels loaded ahead.
-        # 2026-12-08: 512 columns with 32 rows a step (twice the bytes in flight a thread)
-        # or two waves (longer chunks of K, fewer split-K partials) added.
+        # Kept rows as scalars (won q|k|v, gate|up and lm_head on an H100, 2026-12-07), with
+        # and without the next step's channels loaded ahead; since 2026-12-08 also 512
+        # columns with 32 rows a step (twice the bytes in flight a thread) or two waves
+        # (longer chunks of K, fewer split-K partials).
         int8_walks = ((512, 16, 4), (512, 32, 4), (512, 16, 2), (512, 32, 2), (1024, 16, 4),
                       (1024, 8, 4), (2048, 8, 2))  # fmt: skip
         for block_n, rows, waves in int8_walks:
