@@ -747,10 +747,14 @@ def cublas_layer(sites, set_p, ps, n_layers):
     return res
 
 
+def config_from(d):
+    """A ``GemvConfig`` from a result file's dict (keys that are not its fields ignored)."""
+    return tg.GemvConfig(**{k: v for k, v in d.items() if k in tg.GemvConfig.__dataclass_fields__})
+
+
 def apply_site_best(res):
-    fields = tg.GemvConfig.__dataclass_fields__
     for name, site in res["sites"].items():
-        cfg = tg.GemvConfig(**{k: v for k, v in site["best"].items() if k in fields})
+        cfg = config_from(site["best"])
         _, k, splits, pair = CASES[name]
         for dt in DTYPES.values():
             tg.set_config(k, sum(splits), dt, cfg, 1, pair)
@@ -760,9 +764,8 @@ def apply_graph_tune(path):
     """Pin a graph-tune result's winners (both half dtypes) before a decode benchmark."""
     with open(path) as f:
         res = json.load(f)
-    fields = tg.GemvConfig.__dataclass_fields__
     for name, c in res["best"].items():
-        cfg = tg.GemvConfig(**{k: v for k, v in c.items() if k in fields})
+        cfg = config_from(c)
         _, k, splits, pair = CASES[name]
         for dt in DTYPES.values():
             tg.set_config(k, sum(splits), dt, cfg, 1, pair)

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from bench_kernels import bench_graph
+from bench_kernels import bench_graph, config_from
 from teal.kernels import reference as ref
 from teal.kernels import triton_gemv as tg
 from teal.kernels import triton_quant as tq
@@ -351,10 +351,7 @@ def main():
             with open(args.pin) as f:
                 pinned = json.load(f)["configs"]
             for key, c in pinned.items():
-                fields = {f: c[f] for f in tg.GemvConfig.__dataclass_fields__}
-                tg.set_config(
-                    c["K"], c["N"], key.split(":")[0], tg.GemvConfig(**fields), 1, c["pair"]
-                )
+                tg.set_config(c["K"], c["N"], key.split(":")[0], config_from(c), 1, c["pair"])
             winners = pinned
             log(f"pinned {len(pinned)} configs from {args.pin}")
         elif phase == "kernels":

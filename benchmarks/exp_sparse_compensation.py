@@ -88,12 +88,11 @@ def _slices(model):
     return out
 
 
-SITE_OF = {0: "attn_in", 1: "attn_in", 2: "attn_in", 3: "attn_out", 4: "mlp_in", 5: "mlp_in",
-           6: "mlp_mid"}  # fmt: skip
-
-
 def _variant(base, hm, cm, hd, compensate, quant, damp, group):
+    from teal.model.decoder import SITE_PROJECTIONS
     from teal.model.gptq import gptq
+
+    site_of = {j: site for site, js in SITE_PROJECTIONS.items() for j in js}
 
     model = copy.deepcopy(base)
     for i, j, mod, attr, cols in _slices(model):
@@ -107,7 +106,7 @@ def _variant(base, hm, cm, hd, compensate, quant, damp, group):
             h += lam * torch.eye(h.shape[0], dtype=h.dtype)
             w = torch.linalg.solve(h, cm[(i, j)] @ w + lam * w)
         if quant:
-            h = (hm[(i, j)] if compensate else hd[(i, SITE_OF[j])]).float()
+            h = (hm[(i, j)] if compensate else hd[(i, site_of[j])]).float()
             w = gptq(w.float().contiguous(), h, "int4", group).dequantize(torch.float64)
         p.data[:, cols] = w.to(p.dtype)
     return model
